@@ -1,0 +1,94 @@
+//! Types and constants shared by meshlet's eBPF programs and the agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel programs write it into maps and the
+//! agent reads it back, so both sides must agree on the layout byte for byte.
+#![no_std]
+
+/// The agent's outbound listener inside every enrolled pod's network namespace. `connect()`
+/// calls from the pod are rewritten to `127.0.0.1:OUTBOUND_PORT` (or `[::1]`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The agent's plaintext inbound listener (reserved for inbound capture).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The agent's mTLS tunnel (HBONE) listener on the pod's own address.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// `SO_MARK` on every socket the agent opens towards the network on a pod's behalf (tunnels).
+/// The redirect program leaves sockets with this mark alone.
+pub const AGENT_MARK: u32 = 0x6d6c_0001;
+/// `SO_MARK` on the agent's delivery sockets (the ones that connect to the app with the
+/// client's source address). A policy-routing rule in the pod sends the app's replies to those
+/// foreign addresses back to the local stack; it must not match tunnel sockets.
+pub const DELIVER_MARK: u32 = 0x6d6c_0002;
+
+/// Where an application meant to connect to, before the redirect.
+///
+/// `ip` is an IPv6 address in network byte order as four `u32`s, exactly as the kernel hands
+/// `user_ip6` to BPF programs; IPv4 destinations are stored IPv4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The network namespace cookie of the socket that connected; lets the sock_ops program
+    /// file the entry under a key without asking the kernel again.
+    pub _pad2: u32,
+    pub netns_cookie: u64,
+}
+
+/// Key under which the original destination waits for the agent: the connecting socket's
+/// network namespace and its local address, which the agent sees as the peer of the accepted
+/// socket. Unique for as long as the connection lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    pub netns_cookie: u64,
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl ConnectionKey {
+    pub const fn new(netns_cookie: u64, ip: [u32; 4], port: u16) -> Self {
+        Self {
+            netns_cookie,
+            ip,
+            port,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// Value in the enrollment map (keyed by netns cookie). Non-zero flags are reserved.
+pub type EnrollmentFlags = u32;
+
+/// Indexes of the per-CPU redirect counters in the `STATS` map.
+pub mod stats {
+    /// A connect() from an enrolled pod was rewritten to the agent.
+    pub const REDIRECTED: u32 = 0;
+    /// A connect() carried an agent mark and was left alone.
+    pub const SKIPPED_AGENT_MARK: u32 = 1;
+    /// The original destination was filed under the connection key (sock_ops).
+    pub const ORIGINAL_DST_RECORDED: u32 = 2;
+    /// The original destination could not be saved; the connect() was refused (fail closed).
+    pub const REFUSED_NO_SPACE: u32 = 3;
+    /// getpeername() answered with the original destination.
+    pub const PEERNAME_REWRITTEN: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+}
+
+/// Builds the IPv4-mapped form of an IPv4 address given in network byte order.
+pub const fn ipv4_mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for super::OriginalDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectionKey {}
+}

@@ -1,0 +1,256 @@
+//! meshlet's kernel side: steer every TCP `connect()` of an enrolled pod to the agent's
+//! outbound listener in that pod's own network namespace, and remember where it was going.
+//!
+//! The flow for one connection:
+//! 1. `connect4`/`connect6` (cgroup/connect*, attached to the node's pod cgroup subtree): the
+//!    socket's netns is enrolled and the socket is not the agent's, so the destination is saved
+//!    under the socket cookie and rewritten to `127.0.0.1:15001` (`[::1]:15001`).
+//! 2. `sock_ops` at active-established: the client's local address is now known, so the saved
+//!    destination is filed under (netns cookie, client address, client port), the peer address
+//!    the agent sees on the accepted socket. It runs before the client ACKs the SYN-ACK, so the
+//!    entry exists before the agent can accept: no race.
+//! 3. `getpeername4/6`: the app sees the peer it dialled, not the agent.
+//! 4. `sock_ops` at close: both entries go, so the maps do not fill with dead connections
+//!    (they are LRU maps as well, as a bound).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        },
+        helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray},
+        programs::{SockAddrContext, SockOpsContext},
+        EbpfContext,
+    };
+    use aya_log_ebpf::{debug, warn};
+    use meshlet_common::{
+        ipv4_mapped, stats, ConnectionKey, EnrollmentFlags, OriginalDst, AGENT_MARK, DELIVER_MARK,
+        OUTBOUND_PORT,
+    };
+
+    const IPPROTO_TCP: u32 = 6;
+    const AF_INET: u32 = 2;
+    const TCP_CLOSE: u32 = 7;
+    /// Return values of cgroup sock_addr programs.
+    const ALLOW: i32 = 1;
+    const REFUSE: i32 = 0;
+    const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+    const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+    /// Network namespaces (by cookie) of the pods this node's agent has enrolled.
+    #[map(name = "ENROLLED")]
+    static ENROLLED: HashMap<u64, EnrollmentFlags> = HashMap::pinned(16_384, 0);
+
+    /// Original destination by socket cookie, for sock_ops and getpeername.
+    #[map(name = "ORIG_DST_BY_COOKIE")]
+    static ORIG_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(65_536, 0);
+
+    /// Original destination by connection key, for the agent.
+    #[map(name = "ORIG_DST_BY_CONN")]
+    static ORIG_DST_BY_CONN: LruHashMap<ConnectionKey, OriginalDst> =
+        LruHashMap::pinned(65_536, 0);
+
+    /// Redirect counters, see `meshlet_common::stats`.
+    #[map(name = "STATS")]
+    static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+    #[inline(always)]
+    fn count(index: u32) {
+        if let Some(counter) = STATS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+            unsafe { *counter += 1 };
+        }
+    }
+
+    /// Whether the connecting socket belongs to the agent (tunnel or delivery socket).
+    #[inline(always)]
+    fn is_agent_socket(ctx: &SockAddrContext) -> bool {
+        // SAFETY: the kernel hands a valid bpf_sock_addr; `sk` is always set for connect hooks.
+        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: non-null PTR_TO_SOCKET from the context; `mark` is a readable field.
+        let mark = unsafe { (*sk).mark };
+        mark == AGENT_MARK || mark == DELIVER_MARK
+    }
+
+    /// Common part of connect4/connect6: returns the rewrite to apply, if any.
+    #[inline(always)]
+    fn save_original(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<bool, ()> {
+        // SAFETY: plain helper calls on the program's own context.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: read-only lookup; the value is not kept past this call.
+        if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
+            return Ok(false);
+        }
+        if is_agent_socket(ctx) {
+            count(stats::SKIPPED_AGENT_MARK);
+            return Ok(false);
+        }
+        // SAFETY: as above.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let original = OriginalDst {
+            ip,
+            port,
+            _pad: 0,
+            _pad2: 0,
+            netns_cookie,
+        };
+        if ORIG_DST_BY_COOKIE.insert(&cookie, &original, 0).is_err() {
+            count(stats::REFUSED_NO_SPACE);
+            warn!(ctx, "meshlet: cannot save original destination; refusing connect");
+            return Err(());
+        }
+        count(stats::REDIRECTED);
+        debug!(ctx, "meshlet: redirect port {} netns {}", port, netns_cookie);
+        Ok(true)
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn connect4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: the kernel hands a valid, writable bpf_sock_addr to connect hooks.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.protocol != IPPROTO_TCP || (u32::from_be(sa.user_ip4) >> 24) == 127 {
+            return ALLOW;
+        }
+        let port = u16::from_be(sa.user_port as u16);
+        match save_original(&ctx, ipv4_mapped(sa.user_ip4), port) {
+            Ok(true) => {
+                sa.user_ip4 = LOOPBACK4;
+                sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+                ALLOW
+            }
+            Ok(false) => ALLOW,
+            Err(()) => REFUSE,
+        }
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn connect6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: as in connect4.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.protocol != IPPROTO_TCP {
+            return ALLOW;
+        }
+        let ip = sa.user_ip6;
+        let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == ipv4_mapped(0)[2];
+        let loopback = if mapped {
+            (u32::from_be(ip[3]) >> 24) == 127
+        } else {
+            ip == LOOPBACK6
+        };
+        if loopback {
+            return ALLOW;
+        }
+        let port = u16::from_be(sa.user_port as u16);
+        match save_original(&ctx, ip, port) {
+            Ok(true) => {
+                sa.user_ip6 = if mapped {
+                    ipv4_mapped(LOOPBACK4)
+                } else {
+                    LOOPBACK6
+                };
+                sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+                ALLOW
+            }
+            Ok(false) => ALLOW,
+            Err(()) => REFUSE,
+        }
+    }
+
+    #[inline(always)]
+    fn connection_key(ctx: &SockOpsContext, netns_cookie: u64) -> ConnectionKey {
+        let ip = if ctx.family() == AF_INET {
+            ipv4_mapped(ctx.local_ip4())
+        } else {
+            ctx.local_ip6()
+        };
+        ConnectionKey::new(netns_cookie, ip, ctx.local_port() as u16)
+    }
+
+    #[sock_ops]
+    pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+        let op = ctx.op();
+        if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+            return 1;
+        }
+        // SAFETY: helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: the value is copied out at once.
+        let Some(original) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+            return 1;
+        };
+        let key = connection_key(&ctx, original.netns_cookie);
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+            if ORIG_DST_BY_CONN.insert(&key, &original, 0).is_ok() {
+                count(stats::ORIGINAL_DST_RECORDED);
+            }
+            // Ask for state callbacks so that the entries go when the socket closes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        } else if ctx.arg(1) == TCP_CLOSE {
+            let _ = ORIG_DST_BY_CONN.remove(&key);
+            let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+        }
+        1
+    }
+
+    #[inline(always)]
+    fn original_for_peername(ctx: &SockAddrContext) -> Option<OriginalDst> {
+        // SAFETY: helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: the value is copied out at once.
+        unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }.copied()
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: the kernel hands a valid, writable bpf_sock_addr to getpeername hooks.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.user_ip4 != LOOPBACK4 || sa.user_port != u32::from(OUTBOUND_PORT.to_be()) {
+            return ALLOW;
+        }
+        if let Some(original) = original_for_peername(&ctx) {
+            sa.user_ip4 = original.ip[3];
+            sa.user_port = u32::from(original.port.to_be());
+            count(stats::PEERNAME_REWRITTEN);
+        }
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: as in getpeername4.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        if sa.user_port != u32::from(OUTBOUND_PORT.to_be()) {
+            return ALLOW;
+        }
+        let ip = sa.user_ip6;
+        if ip != LOOPBACK6 && ip != ipv4_mapped(LOOPBACK4) {
+            return ALLOW;
+        }
+        if let Some(original) = original_for_peername(&ctx) {
+            sa.user_ip6 = original.ip;
+            sa.user_port = u32::from(original.port.to_be());
+            count(stats::PEERNAME_REWRITTEN);
+        }
+        ALLOW
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
