@@ -1,0 +1,120 @@
+//! The workload registry: which pods exist, on which node, with which service account.
+//!
+//! The reference control plane reads it from a JSON file that the operator (or the lab) writes,
+//! and re-reads it when the file changes; every change is a new version pushed to the nodes.
+use std::{path::PathBuf, time::Duration};
+
+use meshlet_proto::v1::Workload;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot read workload file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("workload file {path} is not valid JSON of the form {{\"workloads\": [...]}}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// One workload as written in the registry file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkloadEntry {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegistryFile {
+    workloads: Vec<WorkloadEntry>,
+}
+
+/// A versioned snapshot of all workloads.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub workloads: Vec<Workload>,
+}
+
+impl Snapshot {
+    /// Whether a pod with this service account runs on `node`.
+    pub fn has_pod(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.workloads.iter().any(|w| {
+            w.node == node && w.namespace == namespace && w.service_account == service_account
+        })
+    }
+}
+
+fn load(path: &PathBuf) -> Result<Vec<Workload>, RegistryError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file: RegistryFile = serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(file
+        .workloads
+        .into_iter()
+        .map(|w| Workload {
+            uid: w.uid,
+            namespace: w.namespace,
+            name: w.name,
+            service_account: w.service_account,
+            node: w.node,
+            ips: w.ips,
+            labels: w.labels.into_iter().collect(),
+        })
+        .collect())
+}
+
+/// Loads the file once (failing loudly if it is bad) and then watches it: a changed file
+/// becomes a new version; a file that no longer parses is reported and the last good
+/// snapshot stays.
+pub fn watch_file(path: PathBuf) -> Result<watch::Receiver<Snapshot>, RegistryError> {
+    let workloads = load(&path)?;
+    let (tx, rx) = watch::channel(Snapshot {
+        version: 1,
+        workloads,
+    });
+    tokio::spawn(async move {
+        let mut last_seen = modified(&path);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = modified(&path);
+            if now == last_seen {
+                continue;
+            }
+            last_seen = now;
+            match load(&path) {
+                Ok(workloads) => {
+                    let version = tx.borrow().version + 1;
+                    tracing::info!(version, count = workloads.len(), "workload registry changed");
+                    if tx.send(Snapshot { version, workloads }).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("{e}; keeping the last good registry"),
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn modified(path: &PathBuf) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
