@@ -1,1 +1,21 @@
-
+//! meshlet's node agent: every TCP connection between pods, mutually authenticated and
+//! encrypted, without sidecars.
+//!
+//! The data path, top to bottom: [`redirect`] (eBPF steers a pod's connects to the agent) →
+//! [`outbound`] (find the destination, pick the tunnel) → [`tunnel`] (mTLS + HTTP/2 CONNECT,
+//! pooled) → [`inbound`] (authenticate, check the target) → [`deliver`] (connect to the app
+//! with the client's address).
+pub mod channel;
+pub mod deliver;
+pub mod discovery;
+pub mod identity;
+pub mod inbound;
+pub mod netns;
+pub mod node;
+pub mod node_api;
+pub mod outbound;
+pub mod pods;
+pub mod redirect;
+pub mod run;
+pub mod tls;
+pub mod tunnel;

@@ -1,1 +1,88 @@
-fn main(){}
+//! `meshlet`: the node agent and its command line.
+use clap::{Parser, Subcommand};
+use meshlet_agent::{channel, run};
+use meshlet_proto::v1::{node_service_client::NodeServiceClient, ListPodsRequest};
+
+#[derive(Parser)]
+#[command(name = "meshlet", version, about = "meshlet: mTLS for every pod, no sidecars")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(run::AgentConfig),
+    /// List the pods the agent on this node has enrolled.
+    Pods {
+        /// The agent's node socket.
+        #[arg(long, default_value = "/run/meshlet/agent.sock")]
+        node_socket: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Agent(config) => run::run(config).await,
+        Command::Pods { node_socket, json } => {
+            let channel = channel::connect_lazy(&format!("unix:{node_socket}"))?;
+            let pods = NodeServiceClient::new(channel)
+                .list_pods(ListPodsRequest {})
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "no agent answered on {node_socket}: {} (is `meshlet agent` running on this node?)",
+                        s.message()
+                    )
+                })?
+                .into_inner()
+                .pods;
+            if json {
+                let rows: Vec<_> = pods
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({"uid": p.uid, "netns": p.netns_path,
+                            "netns_cookie": p.netns_cookie, "workload": p.workload,
+                            "identity": p.identity})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<20} {:<24} {:<50} NETNS", "UID", "WORKLOAD", "IDENTITY");
+                for p in pods {
+                    println!(
+                        "{:<20} {:<24} {:<50} {}",
+                        p.uid, p.workload, p.identity, p.netns_path
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

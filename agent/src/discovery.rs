@@ -1,0 +1,312 @@
+//! The node's view of the mesh, pushed by the control plane over a gRPC stream: workloads
+//! (so that a destination IP maps to a workload and the identities it may present) and the
+//! trust bundle. Every version is validated whole; a bad one is NACKed and changes nothing.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use meshlet_proto::v1::{
+    discovery_request, discovery_service_client::DiscoveryServiceClient, Ack, DiscoveryRequest,
+    DiscoveryResponse, Hello, Nack,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::transport::Channel;
+
+use crate::{identity::SpiffeId, tls::TrustBundle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("workload {workload} (uid {uid}): IP {ip:?} is not an IP address; fix the workload's ips in the control plane")]
+    BadIp {
+        workload: String,
+        uid: String,
+        ip: String,
+    },
+    #[error("workload {workload} (uid {uid}): {source}")]
+    BadIdentity {
+        workload: String,
+        uid: String,
+        source: crate::identity::SpiffeIdError,
+    },
+    #[error("workload with uid {uid:?} has an empty uid, namespace, name or node")]
+    MissingField { uid: String },
+    #[error("IP {ip} belongs to both {first} and {second}; each IP must name one workload")]
+    DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("uid {0} appears twice")]
+    DuplicateUid(String),
+    #[error("trust bundle refused: {0}")]
+    TrustBundle(#[from] crate::tls::TlsError),
+    #[error("version {got} is not newer than the applied version {applied}")]
+    OldVersion { got: u64, applied: u64 },
+}
+
+/// A workload as the agent uses it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WorkloadInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    /// The identity this workload presents.
+    #[serde(serialize_with = "crate::discovery::display")]
+    pub identity: SpiffeId,
+}
+
+fn display<S: serde::Serializer>(v: &SpiffeId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl WorkloadInfo {
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    version: u64,
+    by_uid: HashMap<String, Arc<WorkloadInfo>>,
+    by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+}
+
+/// The workloads of the last accepted version.
+pub struct Workloads {
+    snapshot: RwLock<Arc<Snapshot>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Workloads {
+    fn default() -> Self {
+        Self {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Workloads {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<WorkloadInfo>> {
+        self.snapshot().by_uid.get(uid).cloned()
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<WorkloadInfo>> {
+        self.snapshot().by_ip.get(&ip).cloned()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.snapshot().version
+    }
+
+    pub fn all(&self) -> Vec<Arc<WorkloadInfo>> {
+        let mut all: Vec<_> = self.snapshot().by_uid.values().cloned().collect();
+        all.sort_by(|a, b| a.display_name().cmp(&b.display_name()));
+        all
+    }
+
+    /// Notified with the version after every accepted update.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Validates a whole update and, only if all of it is good, makes it current.
+    pub fn apply(
+        &self,
+        update: &DiscoveryResponse,
+        bundle: &TrustBundle,
+    ) -> Result<(), DiscoveryError> {
+        let applied = self.version();
+        if update.version <= applied && applied != 0 {
+            return Err(DiscoveryError::OldVersion {
+                got: update.version,
+                applied,
+            });
+        }
+        let snapshot = validate(update)?;
+        bundle.replace(&update.trust_roots_pem)?;
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.changed.send_replace(update.version);
+        Ok(())
+    }
+}
+
+fn validate(update: &DiscoveryResponse) -> Result<Snapshot, DiscoveryError> {
+    let mut snapshot = Snapshot {
+        version: update.version,
+        ..Default::default()
+    };
+    for w in &update.workloads {
+        if w.uid.is_empty() || w.namespace.is_empty() || w.name.is_empty() || w.node.is_empty() {
+            return Err(DiscoveryError::MissingField { uid: w.uid.clone() });
+        }
+        let workload = format!("{}/{}", w.namespace, w.name);
+        let identity = SpiffeId::new(&update.trust_domain, &w.namespace, &w.service_account)
+            .map_err(|source| DiscoveryError::BadIdentity {
+                workload: workload.clone(),
+                uid: w.uid.clone(),
+                source,
+            })?;
+        let mut ips = Vec::with_capacity(w.ips.len());
+        for ip in &w.ips {
+            ips.push(ip.parse::<IpAddr>().map_err(|_| DiscoveryError::BadIp {
+                workload: workload.clone(),
+                uid: w.uid.clone(),
+                ip: ip.clone(),
+            })?);
+        }
+        let info = Arc::new(WorkloadInfo {
+            uid: w.uid.clone(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            service_account: w.service_account.clone(),
+            node: w.node.clone(),
+            ips,
+            labels: w.labels.clone().into_iter().collect(),
+            identity,
+        });
+        for ip in &info.ips {
+            if let Some(other) = snapshot.by_ip.insert(*ip, info.clone()) {
+                return Err(DiscoveryError::DuplicateIp {
+                    ip: *ip,
+                    first: other.display_name(),
+                    second: info.display_name(),
+                });
+            }
+        }
+        if snapshot.by_uid.insert(info.uid.clone(), info.clone()).is_some() {
+            return Err(DiscoveryError::DuplicateUid(info.uid.clone()));
+        }
+    }
+    Ok(snapshot)
+}
+
+/// Follows the control plane's discovery stream for as long as the agent runs; reconnects
+/// with backoff and keeps serving the last good state while the control plane is away.
+pub async fn follow(
+    channel: Channel,
+    node: String,
+    workloads: Arc<Workloads>,
+    bundle: Arc<TrustBundle>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match follow_once(channel.clone(), &node, &workloads, &bundle).await {
+            Ok(()) => tracing::warn!("discovery stream ended; reconnecting"),
+            Err(e) => tracing::warn!("discovery stream failed: {e}; reconnecting in {backoff:?}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn follow_once(
+    channel: Channel,
+    node: &str,
+    workloads: &Workloads,
+    bundle: &TrustBundle,
+) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel(8);
+    let hello = DiscoveryRequest {
+        kind: Some(discovery_request::Kind::Hello(Hello {
+            node: node.to_string(),
+        })),
+    };
+    let _ = tx.send(hello).await;
+    let mut client = DiscoveryServiceClient::new(channel);
+    let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    while let Some(update) = responses.next().await {
+        let update = update?;
+        let kind = match workloads.apply(&update, bundle) {
+            Ok(()) => {
+                tracing::info!(version = update.version, workloads = update.workloads.len(), "applied control-plane update");
+                discovery_request::Kind::Ack(Ack {
+                    version: update.version,
+                })
+            }
+            Err(e) => {
+                tracing::error!(version = update.version, "refused control-plane update (NACK), keeping version {}: {e}", workloads.version());
+                discovery_request::Kind::Nack(Nack {
+                    version: update.version,
+                    error: e.to_string(),
+                })
+            }
+        };
+        if tx.send(DiscoveryRequest { kind: Some(kind) }).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlet_proto::v1::Workload;
+
+    fn workload(uid: &str, ip: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: format!("pod-{uid}"),
+            service_account: "web".into(),
+            node: "node-1".into(),
+            ips: vec![ip.into()],
+            labels: Default::default(),
+        }
+    }
+
+    fn update(version: u64, workloads: Vec<Workload>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version,
+            workloads,
+            trust_roots_pem: vec![],
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn validates_whole_updates() {
+        let good = validate(&update(1, vec![workload("a", "10.0.0.1")])).expect("valid");
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!(
+            good.by_ip[&ip].identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/web"
+        );
+        let bad_ip = validate(&update(2, vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.300")]));
+        assert!(matches!(bad_ip, Err(DiscoveryError::BadIp { .. })));
+        let dup = validate(&update(2, vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")]));
+        assert!(matches!(dup, Err(DiscoveryError::DuplicateIp { .. })));
+        let mut bad_sa = workload("c", "10.0.0.3");
+        bad_sa.service_account = "../x".into();
+        assert!(matches!(
+            validate(&update(3, vec![bad_sa])),
+            Err(DiscoveryError::BadIdentity { .. })
+        ));
+    }
+
+    #[test]
+    fn refused_update_keeps_the_last_good_state() {
+        let workloads = Workloads::default();
+        let bundle = TrustBundle::default();
+        // No roots: refused as a whole, nothing applied.
+        assert!(workloads
+            .apply(&update(1, vec![workload("a", "10.0.0.1")]), &bundle)
+            .is_err());
+        assert_eq!(workloads.version(), 0);
+        assert!(workloads.by_uid("a").is_none());
+    }
+}

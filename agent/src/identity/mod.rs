@@ -1,0 +1,9 @@
+//! Workload identity: SPIFFE IDs, the CA client, and the store of certificates per service
+//! account.
+mod ca_client;
+mod spiffe;
+mod store;
+
+pub use ca_client::{CaClient, CaError, GrpcCaClient};
+pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use store::{IdentityError, IdentityStore, WorkloadCertificate};

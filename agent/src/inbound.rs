@@ -1,0 +1,181 @@
+//! Inbound: the tunnel listener (15008) in each local pod's netns. Authenticate the peer
+//! agent (mTLS, SPIFFE), accept its CONNECT streams for this pod, deliver each to the app.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use meshlet_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    deliver,
+    identity::SpiffeId,
+    node::NodeAgent,
+    pods::PodHandle,
+    tls,
+    tunnel::{copy, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
+};
+
+/// Accepts tunnel connections for one pod until the listener is dropped.
+pub async fn serve(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle_connection(agent.clone(), pod.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.uid, "tunnel accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    agent: Arc<NodeAgent>,
+    pod: Arc<PodHandle>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+        tracing::warn!(target: "access", direction = "inbound", pod = %pod.uid, %peer,
+            outcome = "refused", reason = "the control plane has not described this pod yet");
+        return;
+    };
+    let config = match tls::server_config(
+        agent.provider.clone(),
+        agent.bundle.clone(),
+        agent.identities.clone(),
+        local.identity.clone(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(pod = %pod.uid, "no TLS server config: {e}");
+            return;
+        }
+    };
+    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "inbound", dst_workload = %local.display_name(),
+                %peer, outcome = "refused", reason = %format!("TLS handshake failed: {e}"));
+            return;
+        }
+    };
+    let Some(peer_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+        tracing::warn!(target: "access", direction = "inbound", %peer, outcome = "refused",
+            reason = "peer presented no SPIFFE identity");
+        return;
+    };
+    tracing::info!(dst_workload = %local.display_name(), %peer, src_identity = %peer_identity,
+        "accepted mTLS tunnel connection");
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    while let Some(request) = connection.accept().await {
+        match request {
+            Ok((request, respond)) => {
+                tokio::spawn(handle_stream(
+                    agent.clone(),
+                    pod.clone(),
+                    peer,
+                    peer_identity.clone(),
+                    request,
+                    respond,
+                ));
+            }
+            Err(e) => {
+                tracing::debug!(%peer, "tunnel connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: http::StatusCode) {
+    let response = http::Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+async fn handle_stream(
+    agent: Arc<NodeAgent>,
+    pod: Arc<PodHandle>,
+    peer: SocketAddr,
+    peer_identity: SpiffeId,
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    if request.method() != http::Method::CONNECT {
+        reply(&mut respond, http::StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let Some(target) = authority else {
+        tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity,
+            outcome = "refused", reason = "CONNECT authority is not IP:port");
+        reply(&mut respond, http::StatusCode::BAD_REQUEST);
+        return;
+    };
+    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+        reply(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    };
+    // The tunnel may only reach this pod, and never the agent's own ports.
+    let reserved = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT].contains(&target.port());
+    if !local.ips.contains(&target.ip()) || reserved {
+        tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity,
+            dst = %target, dst_workload = %local.display_name(), outcome = "refused",
+            reason = "CONNECT target is not an app port of this pod");
+        reply(&mut respond, http::StatusCode::FORBIDDEN);
+        return;
+    }
+    let app = match deliver::connect_to_app(&pod.netns, peer.ip(), target).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity,
+                dst = %target, outcome = "failed", reason = %e);
+            reply(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let send = match respond.send_response(
+        http::Response::builder()
+            .status(http::StatusCode::OK)
+            .body(())
+            .unwrap_or_default(),
+        false,
+    ) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!("peer went away before the 200: {e}");
+            return;
+        }
+    };
+    let result = copy::copy_bidirectional(app, send, request.into_body()).await;
+    let (to_app, from_app, outcome, reason) = match result {
+        Ok(t) => (t.stream_to_tcp, t.tcp_to_stream, "closed", String::new()),
+        Err(e) => (0, 0, "error", e.to_string()),
+    };
+    tracing::info!(target: "access", direction = "inbound", src_identity = %peer_identity,
+        src = %peer.ip(), dst = %target, dst_workload = %local.display_name(),
+        dst_identity = %local.identity, bytes_received = to_app, bytes_sent = from_app,
+        duration_ms = started.elapsed().as_millis() as u64, outcome, reason = %reason,
+        "connection closed");
+}

@@ -1,0 +1,30 @@
+//! Everything the agent on one node shares between its tasks.
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+
+use crate::{
+    discovery::Workloads, identity::IdentityStore, redirect::Redirect, tls::TrustBundle,
+    tunnel::Pool,
+};
+
+/// What to do with a connection to an address that is no known workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum UnknownDestination {
+    /// Refuse it (fail closed): nothing leaves a mesh pod unauthenticated.
+    Refuse,
+    /// Connect directly, in plaintext, from the pod (for destinations outside the mesh).
+    Passthrough,
+}
+
+/// The node agent's shared state.
+pub struct NodeAgent {
+    pub node: String,
+    pub redirect: Arc<Redirect>,
+    pub workloads: Arc<Workloads>,
+    pub identities: Arc<IdentityStore>,
+    pub bundle: Arc<TrustBundle>,
+    pub provider: Arc<CryptoProvider>,
+    pub pool: Pool,
+    pub unknown_destination: UnknownDestination,
+}

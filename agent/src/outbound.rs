@@ -1,0 +1,143 @@
+//! Outbound: connections an enrolled pod made, redirected by the kernel to the agent's
+//! listener in the pod's netns. Find where each was going, pick the tunnel, carry it.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use meshlet_common::{AGENT_MARK, TUNNEL_PORT};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    node::{NodeAgent, UnknownDestination},
+    pods::PodHandle,
+    tls,
+    tunnel::{self, copy, PoolKey, TunnelConnector},
+};
+
+/// Accepts redirected connections for one pod until the listener is dropped.
+pub async fn serve(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(agent.clone(), pod.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.uid, "outbound accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, app: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let Some(original) = agent.redirect.take_original_dst(pod.netns_cookie, peer) else {
+        tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid, %peer,
+            outcome = "refused", reason = "no original destination recorded for this connection");
+        return;
+    };
+    let Some(source) = agent.workloads.by_uid(&pod.uid) else {
+        tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid, dst = %original,
+            outcome = "refused", reason = "the control plane has not described this pod yet");
+        return;
+    };
+    let Some(destination) = agent.workloads.by_ip(original.ip()) else {
+        match agent.unknown_destination {
+            UnknownDestination::Refuse => {
+                tracing::warn!(target: "access", direction = "outbound", src = %source.display_name(),
+                    dst = %original, outcome = "refused",
+                    reason = "destination is not a known workload (unknown_destination=refuse)");
+            }
+            UnknownDestination::Passthrough => passthrough(&pod, app, original).await,
+        }
+        return;
+    };
+    let source_identity = source.identity.clone();
+    if let Err(e) = agent.identities.current(&source_identity) {
+        tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+            dst = %original, outcome = "refused", reason = %e);
+        return;
+    }
+    let endpoint = SocketAddr::new(original.ip(), TUNNEL_PORT);
+    let key = PoolKey {
+        source_pod: pod.uid.clone(),
+        source_identity: source_identity.clone(),
+        endpoint,
+        expected: vec![destination.identity.clone()],
+    };
+    let connect = || async {
+        let config = tls::client_config(
+            agent.provider.clone(),
+            agent.bundle.clone(),
+            agent.identities.clone(),
+            source_identity.clone(),
+            vec![destination.identity.clone()],
+        )?;
+        let connector = TunnelConnector {
+            netns: &pod.netns,
+            tls: config,
+        };
+        match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
+            Ok(result) => result,
+            Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
+        }
+    };
+    let checkout = match agent.pool.checkout(&key, connect).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+                dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
+            return;
+        }
+    };
+    let (send, recv) = match tunnel::open_stream(checkout.sender(), endpoint, original).await {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                checkout.poison();
+            }
+            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+                dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
+            return;
+        }
+    };
+    let result = copy::copy_bidirectional(app, send, recv).await;
+    drop(checkout);
+    let (sent, received, outcome, reason) = match result {
+        Ok(t) => (t.tcp_to_stream, t.stream_to_tcp, "closed", String::new()),
+        Err(e) => (0, 0, "error", e.to_string()),
+    };
+    tracing::info!(target: "access", direction = "outbound", src = %source_identity,
+        src_workload = %source.display_name(), dst = %original,
+        dst_workload = %destination.display_name(), dst_identity = %destination.identity,
+        bytes_sent = sent, bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64, outcome, reason = %reason,
+        "connection closed");
+}
+
+/// Plaintext to a destination outside the mesh, only when the operator chose passthrough.
+async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr) {
+    let socket = pod
+        .netns
+        .run(move || -> std::io::Result<socket2::Socket> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(original),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.set_mark(AGENT_MARK)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .await;
+    let Ok(Ok(socket)) = socket else { return };
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    match socket.connect(original).await {
+        Ok(mut upstream) => {
+            let moved = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+            tracing::info!(target: "access", direction = "outbound", pod = %pod.uid, dst = %original,
+                outcome = "passthrough", bytes = ?moved.ok(), "connection closed");
+        }
+        Err(e) => tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
+            dst = %original, outcome = "failed", reason = %e),
+    }
+}

@@ -1,0 +1,291 @@
+//! The pods on this node: for each, its network namespace (held by fd), the agent's listeners
+//! inside it, its enrollment in the redirect map, and its identity.
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use meshlet_common::{AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    deliver, identity::SpiffeId, inbound, netns::Netns, node::NodeAgent, outbound,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("pod uid must not be empty")]
+    EmptyUid,
+    #[error("pod {uid} is already enrolled with netns {existing}; remove it first")]
+    Conflict { uid: String, existing: PathBuf },
+    #[error("pod {uid}: {source}")]
+    Netns {
+        uid: String,
+        source: crate::netns::NetnsError,
+    },
+    #[error("pod {uid}: cannot open the agent's listener {addr} in its netns: {source}")]
+    Listen {
+        uid: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("pod {uid}: {source}")]
+    Routing {
+        uid: String,
+        source: deliver::DeliverError,
+    },
+    #[error("pod {uid}: cannot enroll in the redirect map: {source}")]
+    Enroll {
+        uid: String,
+        source: crate::redirect::RedirectError,
+    },
+}
+
+/// What the data path needs of a pod.
+pub struct PodHandle {
+    pub uid: String,
+    pub netns: Netns,
+    pub netns_cookie: u64,
+}
+
+struct Pod {
+    handle: Arc<PodHandle>,
+    tasks: Vec<JoinHandle<()>>,
+    identity: Option<SpiffeId>,
+}
+
+/// A pod as listed by the node API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodSummary {
+    pub uid: String,
+    pub netns_path: String,
+    pub netns_cookie: u64,
+    pub workload: Option<String>,
+    pub identity: Option<String>,
+}
+
+/// All pods of this node.
+pub struct PodRegistry {
+    agent: Arc<NodeAgent>,
+    pods: Mutex<HashMap<String, Pod>>,
+}
+
+/// Listeners made inside the pod's netns.
+struct PodSockets {
+    outbound: Vec<Socket>,
+    tunnel: Vec<Socket>,
+    cookie: u64,
+}
+
+impl PodRegistry {
+    pub fn new(agent: Arc<NodeAgent>) -> Arc<Self> {
+        let registry = Arc::new(Self {
+            agent,
+            pods: Mutex::new(HashMap::new()),
+        });
+        // Identities follow the workloads the control plane describes.
+        let weak = Arc::downgrade(&registry);
+        let mut changes = registry.agent.workloads.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(registry) = weak.upgrade() else { return };
+                registry.reconcile_identities();
+            }
+        });
+        registry
+    }
+
+    /// Enrolls a pod: listeners in its netns, delivery routing, redirect map entry.
+    pub async fn add(&self, uid: &str, netns_path: &Path) -> Result<u64, PodError> {
+        if uid.is_empty() {
+            return Err(PodError::EmptyUid);
+        }
+        if let Some(existing) = self.pods.lock().unwrap_or_else(|e| e.into_inner()).get(uid) {
+            if existing.handle.netns.path() == netns_path {
+                return Ok(existing.handle.netns_cookie);
+            }
+            return Err(PodError::Conflict {
+                uid: uid.to_string(),
+                existing: existing.handle.netns.path().to_path_buf(),
+            });
+        }
+        let netns = Netns::open(netns_path).map_err(|source| PodError::Netns {
+            uid: uid.to_string(),
+            source,
+        })?;
+        let sockets = netns
+            .run(open_listeners)
+            .await
+            .map_err(|source| PodError::Netns {
+                uid: uid.to_string(),
+                source,
+            })?
+            .map_err(|(addr, source)| PodError::Listen {
+                uid: uid.to_string(),
+                addr,
+                source,
+            })?;
+        deliver::setup_routing(&netns)
+            .await
+            .map_err(|source| PodError::Routing {
+                uid: uid.to_string(),
+                source,
+            })?;
+        let handle = Arc::new(PodHandle {
+            uid: uid.to_string(),
+            netns,
+            netns_cookie: sockets.cookie,
+        });
+        let mut tasks = Vec::new();
+        for socket in sockets.outbound {
+            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
+                uid: uid.to_string(),
+                addr,
+                source,
+            })?;
+            tasks.push(tokio::spawn(outbound::serve(
+                self.agent.clone(),
+                handle.clone(),
+                listener,
+            )));
+        }
+        for socket in sockets.tunnel {
+            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
+                uid: uid.to_string(),
+                addr,
+                source,
+            })?;
+            tasks.push(tokio::spawn(inbound::serve(
+                self.agent.clone(),
+                handle.clone(),
+                listener,
+            )));
+        }
+        // Enroll last: from here on the pod's connects come to listeners that exist.
+        if let Err(source) = self.agent.redirect.enroll(sockets.cookie) {
+            tasks.iter().for_each(JoinHandle::abort);
+            return Err(PodError::Enroll {
+                uid: uid.to_string(),
+                source,
+            });
+        }
+        tracing::info!(pod = %uid, netns = %netns_path.display(), netns_cookie = sockets.cookie, "pod enrolled");
+        self.pods.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            uid.to_string(),
+            Pod {
+                handle,
+                tasks,
+                identity: None,
+            },
+        );
+        self.reconcile_identities();
+        Ok(sockets.cookie)
+    }
+
+    /// Forgets a pod: unenrolls it, closes its listeners, lets go of its netns and identity.
+    pub fn remove(&self, uid: &str) -> bool {
+        let pod = self.pods.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+        let Some(pod) = pod else { return false };
+        self.agent.redirect.unenroll(pod.handle.netns_cookie);
+        pod.tasks.iter().for_each(JoinHandle::abort);
+        if let Some(identity) = &pod.identity {
+            self.agent.identities.release(identity);
+        }
+        tracing::info!(pod = %uid, "pod removed");
+        true
+    }
+
+    pub fn list(&self) -> Vec<PodSummary> {
+        let pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = pods
+            .values()
+            .map(|p| {
+                let workload = self.agent.workloads.by_uid(&p.handle.uid);
+                PodSummary {
+                    uid: p.handle.uid.clone(),
+                    netns_path: p.handle.netns.path().display().to_string(),
+                    netns_cookie: p.handle.netns_cookie,
+                    workload: workload.as_ref().map(|w| w.display_name()),
+                    identity: workload.map(|w| w.identity.to_string()),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.uid.cmp(&b.uid));
+        list
+    }
+
+    /// Holds exactly the identities of the pods present, as the workloads now say.
+    fn reconcile_identities(&self) {
+        let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        for pod in pods.values_mut() {
+            let wanted = self
+                .agent
+                .workloads
+                .by_uid(&pod.handle.uid)
+                .map(|w| w.identity.clone());
+            if wanted == pod.identity {
+                continue;
+            }
+            if let Some(old) = pod.identity.take() {
+                self.agent.identities.release(&old);
+            }
+            if let Some(new) = &wanted {
+                tracing::info!(pod = %pod.handle.uid, identity = %new, "pod identity known");
+                self.agent.identities.acquire(new);
+            }
+            pod.identity = wanted;
+        }
+    }
+}
+
+fn listener_socket(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_mark(AGENT_MARK)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// Runs inside the pod's netns.
+fn open_listeners() -> Result<PodSockets, (SocketAddr, std::io::Error)> {
+    let out4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
+    let tun4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, TUNNEL_PORT));
+    let outbound4 = listener_socket(out4).map_err(|e| (out4, e))?;
+    let cookie =
+        crate::netns::socket_netns_cookie(outbound4.as_fd()).map_err(|e| (out4, e))?;
+    let tunnel4 = listener_socket(tun4).map_err(|e| (tun4, e))?;
+    let mut outbound = vec![outbound4];
+    let mut tunnel = vec![tunnel4];
+    // IPv6 when the pod has it; an IPv4-only pod is fine.
+    let out6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
+    let tun6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, TUNNEL_PORT));
+    if let Ok(s) = listener_socket(out6) {
+        outbound.push(s);
+    }
+    if let Ok(s) = listener_socket(tun6) {
+        tunnel.push(s);
+    }
+    Ok(PodSockets {
+        outbound,
+        tunnel,
+        cookie,
+    })
+}
+
+fn into_listener(socket: Socket) -> Result<TcpListener, (SocketAddr, std::io::Error)> {
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    TcpListener::from_std(socket.into()).map_err(|e| (addr, e))
+}

@@ -1,0 +1,316 @@
+//! The kernel side of redirection: loads meshlet's eBPF programs, attaches them to this node's
+//! pod cgroup subtree, enrolls pods by netns cookie, and answers "where was this connection
+//! going?" for the outbound listener.
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use meshlet_common::{stats, ConnectionKey, EnrollmentFlags, OriginalDst};
+
+/// The eBPF object, built by `build.rs` from `ebpf/programs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet"));
+
+const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "getpeername4", "getpeername6"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("cannot create the bpffs pin folder {path}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading meshlet's eBPF programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open the pod cgroup {path}: {source} (is cgroup v2 mounted there?)")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot pin link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+}
+
+/// Redirect counters summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct RedirectStats {
+    pub redirected: u64,
+    pub skipped_agent_mark: u64,
+    pub original_dst_recorded: u64,
+    pub refused_no_space: u64,
+    pub peername_rewritten: u64,
+}
+
+/// Loaded and attached programs plus the maps the agent uses.
+pub struct Redirect {
+    _ebpf: Ebpf,
+    enrolled: Mutex<HashMap<MapData, u64, EnrollmentFlags>>,
+    original_dst: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Redirect {
+    /// Loads the programs, pins maps and links under `pin_dir`, and attaches to `cgroup`
+    /// (this node's pod cgroup subtree; never the root, so that nodes sharing a kernel in the
+    /// lab stay apart).
+    pub fn attach(cgroup: &Path, pin_dir: &Path) -> Result<Self, RedirectError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| RedirectError::PinDir {
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(PROGRAMS)?;
+        start_kernel_log(&mut ebpf);
+        let cgroup_file = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let mut links: Vec<(&'static str, FdLink)> = Vec::new();
+        for &name in CGROUP_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(RedirectError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| RedirectError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let id = program
+                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|_| RedirectError::MissingMap("cgroup link (not an fd link)"))?;
+            links.push((name, link));
+        }
+        {
+            let name = "sock_ops";
+            let program: &mut SockOps = ebpf
+                .program_mut(name)
+                .ok_or(RedirectError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| RedirectError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let id = program
+                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| RedirectError::Program { name, source })?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|_| RedirectError::MissingMap("sock_ops link (not an fd link)"))?;
+            links.push((name, link));
+        }
+        // Pinned links outlive the agent: while it is gone, enrolled pods' connects still go
+        // to 127.0.0.1:15001, where nothing listens, so they are refused rather than leaving in
+        // plaintext. A new agent replaces the old pins (the new links are attached first, so
+        // there is no moment without redirection).
+        for (name, link) in links {
+            let path = pin_dir.join(format!("link_{name}"));
+            let _ = std::fs::remove_file(&path);
+            link.pin(&path)
+                .map_err(|source| RedirectError::Pin { path, source })?;
+        }
+        let enrolled = HashMap::try_from(
+            ebpf.take_map("ENROLLED")
+                .ok_or(RedirectError::MissingMap("ENROLLED"))?,
+        )
+        .map_err(|source| RedirectError::Map {
+            name: "ENROLLED",
+            source,
+        })?;
+        let original_dst = HashMap::try_from(
+            ebpf.take_map("ORIG_DST_BY_CONN")
+                .ok_or(RedirectError::MissingMap("ORIG_DST_BY_CONN"))?,
+        )
+        .map_err(|source| RedirectError::Map {
+            name: "ORIG_DST_BY_CONN",
+            source,
+        })?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map("STATS")
+                .ok_or(RedirectError::MissingMap("STATS"))?,
+        )
+        .map_err(|source| RedirectError::Map {
+            name: "STATS",
+            source,
+        })?;
+        tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
+        Ok(Self {
+            _ebpf: ebpf,
+            enrolled: Mutex::new(enrolled),
+            original_dst: Mutex::new(original_dst),
+            stats,
+        })
+    }
+
+    /// Starts capturing the connects of the pod whose netns has this cookie.
+    pub fn enroll(&self, netns_cookie: u64) -> Result<(), RedirectError> {
+        let mut map = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(netns_cookie, 0, 0)
+            .map_err(|source| RedirectError::Map {
+                name: "ENROLLED",
+                source,
+            })
+    }
+
+    /// Stops capturing the pod's connects.
+    pub fn unenroll(&self, netns_cookie: u64) {
+        let mut map = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&netns_cookie);
+    }
+
+    /// Where the connection that the outbound listener accepted from `peer` (inside the netns
+    /// with this cookie) was going. Consumes the entry.
+    pub fn take_original_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = connection_key(netns_cookie, peer);
+        let mut map = self.original_dst.lock().unwrap_or_else(|e| e.into_inner());
+        let original = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(original_to_socket_addr(&original))
+    }
+
+    pub fn stats(&self) -> RedirectStats {
+        let sum = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        RedirectStats {
+            redirected: sum(stats::REDIRECTED),
+            skipped_agent_mark: sum(stats::SKIPPED_AGENT_MARK),
+            original_dst_recorded: sum(stats::ORIGINAL_DST_RECORDED),
+            refused_no_space: sum(stats::REFUSED_NO_SPACE),
+            peername_rewritten: sum(stats::PEERNAME_REWRITTEN),
+        }
+    }
+}
+
+/// Forwards the programs' aya-log records into `log` (bridged to tracing). The logger must
+/// live as long as the programs: dropping it closes the log map.
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        // SAFETY: the AsyncFd owns the logger, so the ring buffer's fd stays open for as long
+        // as it is registered.
+        Ok(logger) => match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut guard) = fd.readable_mut().await else {
+                            return;
+                        };
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("eBPF log reader not started: {e}"),
+        },
+        Err(e) => tracing::warn!("eBPF programs log nothing: {e}"),
+    }
+}
+
+/// The key the sock_ops program files the original destination under.
+pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
+    let v6 = match peer.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    ConnectionKey::new(netns_cookie, octets_to_words(v6.octets()), peer.port())
+}
+
+/// Network-order bytes into the four `u32` words the kernel uses (memory order kept).
+fn octets_to_words(octets: [u8; 16]) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    for (word, chunk) in words.iter_mut().zip(octets.chunks_exact(4)) {
+        *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    words
+}
+
+fn words_to_octets(words: [u32; 4]) -> [u8; 16] {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    octets
+}
+
+/// An original destination as a socket address; IPv4-mapped addresses become IPv4.
+pub fn original_to_socket_addr(original: &OriginalDst) -> SocketAddr {
+    let v6 = Ipv6Addr::from(words_to_octets(original.ip));
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, original.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlet_common::ipv4_mapped;
+
+    #[test]
+    fn connection_key_matches_kernel_layout() {
+        let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let key = connection_key(7, peer);
+        // The kernel side builds the key from local_ip4 (network order) and local_port (host).
+        let kernel = ConnectionKey::new(7, ipv4_mapped(u32::from_ne_bytes([127, 0, 0, 1])), 40000);
+        assert_eq!(key, kernel);
+        let v6: SocketAddr = "[::1]:5".parse().expect("addr");
+        assert_eq!(connection_key(1, v6).ip, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn original_destination_round_trip() {
+        let original = OriginalDst {
+            ip: ipv4_mapped(u32::from_ne_bytes([10, 244, 2, 2])),
+            port: 8080,
+            _pad: 0,
+            _pad2: 0,
+            netns_cookie: 3,
+        };
+        assert_eq!(
+            original_to_socket_addr(&original),
+            "10.244.2.2:8080".parse::<SocketAddr>().expect("addr")
+        );
+        let v6: Ipv6Addr = "fd00::7".parse().expect("v6");
+        let original = OriginalDst {
+            ip: octets_to_words(v6.octets()),
+            ..original
+        };
+        assert_eq!(original_to_socket_addr(&original), SocketAddr::new(IpAddr::V6(v6), 8080));
+    }
+}

@@ -1,0 +1,108 @@
+//! Starting the agent: attach the eBPF programs, follow the control plane, serve the node API.
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use meshlet_proto::v1::node_service_server::NodeServiceServer;
+
+use crate::{
+    channel, discovery,
+    identity::{GrpcCaClient, IdentityStore},
+    node::{NodeAgent, UnknownDestination},
+    node_api::NodeApi,
+    pods::PodRegistry,
+    redirect::Redirect,
+    tls::{self, TrustBundle},
+    tunnel::Pool,
+};
+
+/// The agent's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentConfig {
+    /// This node's name, as the control plane knows it.
+    #[arg(long)]
+    pub node: String,
+    /// The control plane: `unix:/path` or `http://host:port`.
+    #[arg(long, default_value = "unix:/run/meshlet/controlplane.sock")]
+    pub control_plane: String,
+    /// Unix socket for the node-local pod API (the CNI side).
+    #[arg(long, default_value = "/run/meshlet/agent.sock")]
+    pub node_socket: PathBuf,
+    /// This node's pod cgroup subtree; the redirect programs attach here.
+    #[arg(long)]
+    pub pod_cgroup: PathBuf,
+    /// bpffs folder for this node's pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/meshlet")]
+    pub bpf_pin_dir: PathBuf,
+    /// Requested certificate lifetime in seconds (the CA may shorten it).
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub cert_lifetime: u64,
+    /// Streams per pooled tunnel connection.
+    #[arg(long, default_value_t = 100)]
+    pub max_streams_per_connection: usize,
+    /// Connections to addresses that are no known workload.
+    #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
+    pub unknown_destination: UnknownDestination,
+}
+
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let redirect = Arc::new(
+        Redirect::attach(&config.pod_cgroup, &config.bpf_pin_dir)
+            .context("attaching the eBPF redirect")?,
+    );
+    let control_plane =
+        channel::connect_lazy(&config.control_plane).context("control-plane address")?;
+    let provider = tls::provider();
+    let identities = Arc::new(IdentityStore::new(
+        Arc::new(GrpcCaClient::new(control_plane.clone(), config.node.clone())),
+        provider.clone(),
+        Duration::from_secs(config.cert_lifetime),
+    ));
+    let workloads = Arc::new(discovery::Workloads::default());
+    let bundle = Arc::new(TrustBundle::default());
+    let agent = Arc::new(NodeAgent {
+        node: config.node.clone(),
+        redirect,
+        workloads: workloads.clone(),
+        identities,
+        bundle: bundle.clone(),
+        provider,
+        pool: Pool::new(config.max_streams_per_connection),
+        unknown_destination: config.unknown_destination,
+    });
+    tokio::spawn(discovery::follow(
+        control_plane,
+        config.node.clone(),
+        workloads,
+        bundle,
+    ));
+    let pods = PodRegistry::new(agent.clone());
+
+    let socket = &config.node_socket;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding the node socket {}", socket.display()))?;
+    tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
+    let serve = tonic::transport::Server::builder()
+        .add_service(NodeServiceServer::new(NodeApi { pods }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown_signal(),
+        );
+    serve.await.context("node API server")?;
+    tracing::info!("meshlet agent stopping");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

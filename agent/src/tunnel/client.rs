@@ -1,0 +1,113 @@
+//! Dialling a tunnel: TCP from inside the source pod's netns (with the agent mark, so it is
+//! never redirected), TLS 1.3 with the source identity, then HTTP/2; and opening CONNECT
+//! streams on it.
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicBool, Arc},
+};
+
+use bytes::Bytes;
+use meshlet_common::AGENT_MARK;
+use rustls_pki_types::ServerName;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpSocket;
+
+use super::{pool::PooledConnection, TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::netns::Netns;
+
+/// Makes new tunnel connections for one source pod.
+pub struct TunnelConnector<'a> {
+    pub netns: &'a Netns,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl TunnelConnector<'_> {
+    /// TCP + TLS + HTTP/2 to `endpoint`, with a task driving the connection.
+    pub async fn connect(&self, endpoint: SocketAddr) -> Result<PooledConnection, TunnelError> {
+        let socket = self
+            .netns
+            .run(move || marked_socket(endpoint))
+            .await?
+            .map_err(|source| TunnelError::Connect {
+                addr: endpoint,
+                source,
+            })?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        let tcp = socket
+            .connect(endpoint)
+            .await
+            .map_err(|source| TunnelError::Connect {
+                addr: endpoint,
+                source,
+            })?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        // The name is not used for verification (SPIFFE IDs are); it only fills SNI.
+        let name = ServerName::IpAddress(endpoint.ip().into());
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TunnelError::Handshake {
+                addr: endpoint,
+                source,
+            })?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TunnelError::Http2 {
+                addr: endpoint,
+                source,
+            })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, "tunnel connection ended: {e}");
+            }
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        });
+        Ok(PooledConnection::new(sender, closed))
+    }
+}
+
+fn marked_socket(endpoint: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(endpoint), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(AGENT_MARK)?;
+    socket.set_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Sends `CONNECT authority` and waits for the 200.
+pub async fn open_stream(
+    mut sender: h2::client::SendRequest<Bytes>,
+    endpoint: SocketAddr,
+    authority: SocketAddr,
+) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), TunnelError> {
+    let h2_err = |source| TunnelError::Http2 {
+        addr: endpoint,
+        source,
+    };
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority.to_string())
+        .version(http::Version::HTTP_2)
+        .body(())
+        .map_err(|_| TunnelError::Refused {
+            authority: authority.to_string(),
+            status: http::StatusCode::BAD_REQUEST,
+        })?;
+    sender = sender.ready().await.map_err(h2_err)?;
+    let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(TunnelError::Refused {
+            authority: authority.to_string(),
+            status: response.status(),
+        });
+    }
+    Ok((send, response.into_body()))
+}

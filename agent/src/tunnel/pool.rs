@@ -1,0 +1,209 @@
+//! Pooled tunnel connections: streams with the same source pod, source identity and tunnel
+//! endpoint share one TLS+HTTP/2 connection, up to a cap of streams per connection. A new TCP
+//! connection from an app thus costs one HTTP/2 stream, not a TLS handshake.
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use bytes::Bytes;
+
+use super::TunnelError;
+use crate::identity::SpiffeId;
+
+/// What makes two streams shareable on one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The source pod (its netns holds the socket).
+    pub source_pod: String,
+    pub source_identity: SpiffeId,
+    /// The destination's tunnel endpoint (IP:15008).
+    pub endpoint: SocketAddr,
+    /// The identities the destination may present; part of the key because the TLS session
+    /// was verified against them.
+    pub expected: Vec<SpiffeId>,
+}
+
+/// One HTTP/2 connection in the pool.
+pub struct PooledConnection {
+    sender: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+}
+
+impl PooledConnection {
+    /// `closed` must be set by whoever drives the connection when it ends.
+    pub fn new(sender: h2::client::SendRequest<Bytes>, closed: Arc<AtomicBool>) -> Self {
+        Self {
+            sender,
+            active: AtomicUsize::new(0),
+            closed,
+        }
+    }
+
+    fn try_reserve(&self, max: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+}
+
+/// A stream slot on a pooled connection; gives the slot back when dropped.
+pub struct Checkout {
+    conn: Arc<PooledConnection>,
+}
+
+impl Checkout {
+    pub fn sender(&self) -> h2::client::SendRequest<Bytes> {
+        self.conn.sender.clone()
+    }
+
+    /// Marks the connection unusable (e.g. the stream failed at the HTTP/2 level).
+    pub fn poison(&self) {
+        self.conn.closed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The pool.
+pub struct Pool {
+    max_streams: usize,
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
+    /// One connection set-up at a time per key, so a burst of new streams shares one handshake.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize) -> Self {
+        Self {
+            max_streams: max_streams.max(1),
+            connections: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reuse(&self, key: &PoolKey) -> Option<Checkout> {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let list = connections.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
+        let conn = list.iter().find(|c| c.try_reserve(self.max_streams))?;
+        Some(Checkout { conn: conn.clone() })
+    }
+
+    /// A stream slot for `key`: on an open connection with room, or on a new one from
+    /// `connect`.
+    pub async fn checkout<F, Fut>(&self, key: &PoolKey, connect: F) -> Result<Checkout, TunnelError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<PooledConnection, TunnelError>>,
+    {
+        if let Some(checkout) = self.reuse(key) {
+            return Ok(checkout);
+        }
+        let gate = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            dialing.entry(key.clone()).or_default().clone()
+        };
+        let _dialing = gate.lock().await;
+        // Someone else may have dialled while we waited.
+        if let Some(checkout) = self.reuse(key) {
+            return Ok(checkout);
+        }
+        let conn = Arc::new(connect().await?);
+        let reserved = conn.try_reserve(self.max_streams);
+        debug_assert!(reserved);
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(Checkout { conn })
+    }
+
+    /// Open connections (for the debug view and tests).
+    pub fn connection_count(&self) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections
+            .values()
+            .flatten()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A real HTTP/2 connection over an in-memory pipe.
+    async fn h2_pair() -> PooledConnection {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = h2::server::handshake(server_io).await {
+                while let Some(Ok(_)) = conn.accept().await {}
+            }
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.expect("h2");
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        tokio::spawn(async move {
+            let _ = connection.await;
+            flag.store(true, Ordering::Release);
+        });
+        PooledConnection::new(sender, closed)
+    }
+
+    fn key(endpoint: &str) -> PoolKey {
+        PoolKey {
+            source_pod: "pod-a".into(),
+            source_identity: SpiffeId::parse("spiffe://td/ns/a/sa/a").expect("id"),
+            endpoint: endpoint.parse().expect("addr"),
+            expected: vec![SpiffeId::parse("spiffe://td/ns/b/sa/b").expect("id")],
+        }
+    }
+
+    #[tokio::test]
+    async fn shares_connections_up_to_the_stream_cap() {
+        let pool = Pool::new(2);
+        let dials = AtomicUsize::new(0);
+        let k = key("10.0.0.2:15008");
+        let dial = || async {
+            dials.fetch_add(1, Ordering::SeqCst);
+            Ok(h2_pair().await)
+        };
+        let a = pool.checkout(&k, dial).await.expect("a");
+        let b = pool.checkout(&k, dial).await.expect("b");
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "two streams share one connection");
+        let c = pool.checkout(&k, dial).await.expect("c");
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "the cap forces a second connection");
+        drop(a);
+        let _d = pool.checkout(&k, dial).await.expect("d");
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "a freed slot is reused");
+        // Another destination never shares.
+        let _e = pool.checkout(&key("10.0.0.3:15008"), dial).await.expect("e");
+        assert_eq!(dials.load(Ordering::SeqCst), 3);
+        // A poisoned connection is not handed out again.
+        b.poison();
+        drop(b);
+        drop(c);
+        let _f = pool.checkout(&k, dial).await.expect("f");
+        assert_eq!(pool.connection_count(), 3);
+    }
+}
