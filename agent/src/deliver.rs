@@ -102,7 +102,7 @@ fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
 /// leaving by eth0. All through netlink and the pod's own sysctl.
 pub async fn setup_routing(netns: &Netns) -> Result<(), DeliverError> {
     use futures::TryStreamExt;
-    use netlink_packet_route::route::RouteType;
+    use netlink_packet_route::route::{RouteScope, RouteType};
     use rtnetlink::RouteMessageBuilder;
 
     let name = netns.path().display().to_string();
@@ -148,6 +148,7 @@ pub async fn setup_routing(netns: &Netns) -> Result<(), DeliverError> {
         let route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
             .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
             .kind(RouteType::Local)
+            .scope(RouteScope::Host)
             .table_id(DELIVER_TABLE)
             .output_interface(lo)
             .build();
@@ -167,6 +168,7 @@ pub async fn setup_routing(netns: &Netns) -> Result<(), DeliverError> {
         let route6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
             .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
             .kind(RouteType::Local)
+            .scope(RouteScope::Host)
             .table_id(DELIVER_TABLE)
             .output_interface(lo)
             .build();

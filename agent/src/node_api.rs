@@ -60,6 +60,7 @@ impl NodeService for NodeApi {
                 netns_cookie: p.netns_cookie,
                 workload: p.workload.unwrap_or_default(),
                 identity: p.identity.unwrap_or_default(),
+                certificate_ready: p.certificate_ready,
             })
             .collect();
         Ok(Response::new(ListPodsResponse { pods }))

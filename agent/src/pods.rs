@@ -66,6 +66,7 @@ pub struct PodSummary {
     pub netns_cookie: u64,
     pub workload: Option<String>,
     pub identity: Option<String>,
+    pub certificate_ready: bool,
 }
 
 /// All pods of this node.
@@ -210,6 +211,9 @@ impl PodRegistry {
                     netns_path: p.handle.netns.path().display().to_string(),
                     netns_cookie: p.handle.netns_cookie,
                     workload: workload.as_ref().map(|w| w.display_name()),
+                    certificate_ready: workload
+                        .as_ref()
+                        .is_some_and(|w| self.agent.identities.current(&w.identity).is_ok()),
                     identity: workload.map(|w| w.identity.to_string()),
                 }
             })

@@ -15,7 +15,7 @@ use aya::{
 use meshlet_common::{stats, ConnectionKey, EnrollmentFlags, OriginalDst};
 
 /// The eBPF object, built by `build.rs` from `ebpf/programs`.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet-ebpf"));
 
 const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "getpeername4", "getpeername6"];
 
@@ -87,6 +87,10 @@ impl Redirect {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        // Attached as bpf_links, which always coexist with other programs on the same cgroup
+        // (multi-attach). The kernel refuses the BPF_F_ALLOW_MULTI flag on link creation, so
+        // the mode here is aya's "Single" (flags 0), which for links still means "alongside".
+        let mode = CgroupAttachMode::Single;
         let mut links: Vec<(&'static str, FdLink)> = Vec::new();
         for &name in CGROUP_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
@@ -98,7 +102,7 @@ impl Redirect {
                 .load()
                 .map_err(|source| RedirectError::Program { name, source })?;
             let id = program
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, mode)
                 .map_err(|source| RedirectError::Program { name, source })?;
             let link = program
                 .take_link(id)
@@ -119,7 +123,7 @@ impl Redirect {
                 .load()
                 .map_err(|source| RedirectError::Program { name, source })?;
             let id = program
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, mode)
                 .map_err(|source| RedirectError::Program { name, source })?;
             let link = program
                 .take_link(id)

@@ -1,1 +1,275 @@
-fn main(){}
+//! `cargo xtask`: every chore of the project. `setup` makes a fresh machine ready (idempotent);
+//! `test` and `demo` run it first.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker, Debian packages, bpffs.
+    Setup,
+    /// Build the binaries (with the embedded eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// fmt check, clippy, unit tests, and the lab end-to-end tests (as root).
+    Test,
+    /// The real thing on one machine: two nodes, two pods, one mTLS connection, explained.
+    Demo,
+    /// Bring the lab up or down, look at it, run commands in it.
+    Lab {
+        #[command(subcommand)]
+        action: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the demo topology and leave it running.
+    Up,
+    /// Print the topology (and where its JSON is).
+    Status,
+    /// Run a command in a pod's (or node's) netns and cgroup: `lab exec web -- CMD ARGS`.
+    Exec {
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// Where bpf-linker's libLLVM link lives: a stable place, since bpf-linker finds it by rpath.
+fn llvm_prefix() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    home.join(".local/share/meshlet/llvm")
+}
+
+const DEBIAN_PACKAGES: &[&str] = &[
+    "tcpdump",
+    "iperf3",
+    "sockperf",
+    "redis-server",
+    "redis-tools",
+    "openssl",
+    "containernetworking-plugins",
+];
+
+fn setup() -> anyhow::Result<()> {
+    // Nightly's rust-src, for -Z build-std=core on the BPF target.
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .context("rustup is needed, with a `nightly` toolchain")?;
+    if !sysroot.status.success() {
+        bail!("no `nightly` toolchain: `rustup toolchain install nightly` first");
+    }
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // bpf-linker 0.13.0 against nightly's own libLLVM.
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0.13.0"))
+        .unwrap_or(false);
+    if !linker_ok {
+        let lib = sysroot.join("lib");
+        let llvm = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("libLLVM.so."))
+            .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+        let prefix = llvm_prefix();
+        let prefix_lib = prefix.join("lib");
+        std::fs::create_dir_all(&prefix_lib)?;
+        for name in ["libLLVM.so", llvm.as_str()] {
+            let link = prefix_lib.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
+        }
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", &prefix))?;
+    } else {
+        // The rpath target must exist even when the binary is already installed.
+        let prefix_lib = llvm_prefix().join("lib");
+        if !prefix_lib.exists() {
+            eprintln!("xtask: bpf-linker works; keeping it");
+        }
+    }
+    // Debian packages the tests and the bench use.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if !missing.is_empty() {
+        if !nix_is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
+        }
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if nix_is_root() {
+        lab::ensure_bpffs()?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn test() -> anyhow::Result<()> {
+    setup()?;
+    let bin_dir = build(false)?;
+    run(Command::new("cargo").current_dir(root()).args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "--workspace", "--exclude", "meshlet-lab"]))?;
+    // The lab tests share machine-wide names: one at a time.
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "-p", "meshlet-lab", "--", "--test-threads=1"])
+        .env("MESHLET_BIN_DIR", &bin_dir))?;
+    if !lab::leftovers().is_empty() {
+        bail!("the tests left lab pieces behind: {:?}", lab::leftovers());
+    }
+    Ok(())
+}
+
+/// The demo topology: node-1 with `web` (frontend), node-2 with `api` (backend).
+pub fn demo_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("web", "node-1", "frontend"),
+        PodSpec::new("api", "node-2", "backend"),
+    ]
+}
+
+fn lab_cmd(action: LabCmd) -> anyhow::Result<()> {
+    match action {
+        LabCmd::Up => {
+            let bin_dir = build(false)?;
+            let lab = Lab::up(&demo_pods(), &LabOptions::new(bin_dir))?;
+            let topology = lab.detach();
+            print_topology(&topology);
+            Ok(())
+        }
+        LabCmd::Status => {
+            let topology = lab::running_topology()?;
+            print_topology(&topology);
+            Ok(())
+        }
+        LabCmd::Exec { pod, command } => {
+            let topology = lab::running_topology()?;
+            let (netns, cgroup) = match topology.pod(&pod) {
+                Some(p) => (p.netns.clone(), Some(PathBuf::from(&p.cgroup))),
+                None => match topology.node(&pod) {
+                    Some(n) => (n.netns.clone(), None),
+                    None => bail!("no pod or node {pod} in the lab"),
+                },
+            };
+            let mut cmd = Command::new(&command[0]);
+            cmd.args(&command[1..]);
+            lab::enter_on_exec(&mut cmd, &netns, cgroup.as_deref())?;
+            let status = cmd.status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCmd::Down => {
+            meshlet_lab::cleanup();
+            let left = lab::leftovers();
+            if !left.is_empty() {
+                bail!("could not remove: {left:?}");
+            }
+            println!("lab removed");
+            Ok(())
+        }
+    }
+}
+
+fn print_topology(t: &meshlet_lab::Topology) {
+    println!("NODE       NETNS          CGROUP");
+    for n in &t.nodes {
+        println!("{:<10} {:<14} {}", n.name, n.netns, n.cgroup);
+    }
+    println!();
+    println!("POD        NODE     IP            NETNS       SERVICE ACCOUNT  IDENTITY");
+    for p in &t.pods {
+        println!(
+            "{:<10} {:<8} {:<13} {:<11} {:<16} {}",
+            p.name, p.node, p.ip, p.netns, p.service_account, p.identity
+        );
+    }
+    println!();
+    println!("topology JSON: {}/topology.json", meshlet_lab::STATE_DIR);
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            setup()?;
+            let bin_dir = build(false)?;
+            demo::run(&bin_dir, Duration::from_secs(60))
+        }
+        Cmd::Lab { action } => lab_cmd(action),
+    }
+}

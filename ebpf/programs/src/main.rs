@@ -19,6 +19,7 @@
 mod programs {
     use aya_ebpf::{
         bindings::{
+            bpf_sock_addr,
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         },
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -58,6 +59,35 @@ mod programs {
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+    /// Reads `user_ip6` as four 32-bit loads: the verifier only allows whole-word context
+    /// access there, and a plain array copy may compile to byte loads.
+    #[inline(always)]
+    fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+        let base = sa.user_ip6.as_ptr();
+        // SAFETY: in-bounds, aligned reads of the context's user_ip6 words.
+        unsafe {
+            [
+                core::ptr::read_volatile(base),
+                core::ptr::read_volatile(base.add(1)),
+                core::ptr::read_volatile(base.add(2)),
+                core::ptr::read_volatile(base.add(3)),
+            ]
+        }
+    }
+
+    /// Writes `user_ip6` as four 32-bit stores (see `read_ip6`).
+    #[inline(always)]
+    fn write_ip6(sa: &mut bpf_sock_addr, ip: [u32; 4]) {
+        let base = sa.user_ip6.as_mut_ptr();
+        // SAFETY: in-bounds, aligned writes of the context's user_ip6 words.
+        unsafe {
+            core::ptr::write_volatile(base, ip[0]);
+            core::ptr::write_volatile(base.add(1), ip[1]);
+            core::ptr::write_volatile(base.add(2), ip[2]);
+            core::ptr::write_volatile(base.add(3), ip[3]);
+        }
+    }
 
     #[inline(always)]
     fn count(index: u32) {
@@ -138,7 +168,7 @@ mod programs {
         if sa.protocol != IPPROTO_TCP {
             return ALLOW;
         }
-        let ip = sa.user_ip6;
+        let ip = read_ip6(sa);
         let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == ipv4_mapped(0)[2];
         let loopback = if mapped {
             (u32::from_be(ip[3]) >> 24) == 127
@@ -151,11 +181,12 @@ mod programs {
         let port = u16::from_be(sa.user_port as u16);
         match save_original(&ctx, ip, port) {
             Ok(true) => {
-                sa.user_ip6 = if mapped {
+                let agent = if mapped {
                     ipv4_mapped(LOOPBACK4)
                 } else {
                     LOOPBACK6
                 };
+                write_ip6(sa, agent);
                 sa.user_port = u32::from(OUTBOUND_PORT.to_be());
                 ALLOW
             }
@@ -169,7 +200,17 @@ mod programs {
         let ip = if ctx.family() == AF_INET {
             ipv4_mapped(ctx.local_ip4())
         } else {
-            ctx.local_ip6()
+            // SAFETY: the kernel hands a valid bpf_sock_ops; whole-word reads as in read_ip6.
+            let base = unsafe { (*ctx.ops).local_ip6.as_ptr() };
+            // SAFETY: in-bounds, aligned reads of the context's local_ip6 words.
+            unsafe {
+                [
+                    core::ptr::read_volatile(base),
+                    core::ptr::read_volatile(base.add(1)),
+                    core::ptr::read_volatile(base.add(2)),
+                    core::ptr::read_volatile(base.add(3)),
+                ]
+            }
         };
         ConnectionKey::new(netns_cookie, ip, ctx.local_port() as u16)
     }
@@ -230,12 +271,12 @@ mod programs {
         if sa.user_port != u32::from(OUTBOUND_PORT.to_be()) {
             return ALLOW;
         }
-        let ip = sa.user_ip6;
+        let ip = read_ip6(sa);
         if ip != LOOPBACK6 && ip != ipv4_mapped(LOOPBACK4) {
             return ALLOW;
         }
         if let Some(original) = original_for_peername(&ctx) {
-            sa.user_ip6 = original.ip;
+            write_ip6(sa, original.ip);
             sa.user_port = u32::from(original.port.to_be());
             count(stats::PEERNAME_REWRITTEN);
         }

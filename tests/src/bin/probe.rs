@@ -1,0 +1,134 @@
+//! `meshlet-lab-probe`: the apps of the lab's pods. A TCP echo server that reports who
+//! connected, and a client that sends N bytes, checks the echo by SHA-256 and reports the peer
+//! it saw. Every loop is bounded in count and time.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage:\n  meshlet-lab-probe serve PORT [MAX_CONNECTIONS] [TIMEOUT_SECS]\n  \
+         meshlet-lab-probe send IP:PORT BYTES [SO_MARK]"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("send") => send(&args[1..]),
+        _ => usage(),
+    };
+    if let Err(e) = result {
+        eprintln!("probe: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(args: &[String]) -> std::io::Result<()> {
+    let port: u16 = args.first().and_then(|p| p.parse().ok()).unwrap_or_else(|| usage());
+    let max: usize = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(1000);
+    let timeout = Duration::from_secs(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(300));
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    println!("LISTENING {port}");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + timeout;
+    let mut served = 0;
+    while served < max && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                served += 1;
+                println!("ACCEPT {peer}");
+                std::io::stdout().flush()?;
+                std::thread::spawn(move || echo(stream));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+fn connect(to: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.connect_timeout(&to.into(), Duration::from_secs(10))?;
+    Ok(socket.into())
+}
+
+fn send(args: &[String]) -> std::io::Result<()> {
+    let to: SocketAddr = args.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+    let bytes: usize = args.get(1).and_then(|b| b.parse().ok()).unwrap_or_else(|| usage());
+    let mark: Option<u32> = args.get(2).and_then(|m| {
+        m.strip_prefix("0x")
+            .map(|h| u32::from_str_radix(h, 16).ok())
+            .unwrap_or_else(|| m.parse().ok())
+    });
+    let started = Instant::now();
+    let mut stream = connect(to, mark)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let peer = stream.peer_addr()?;
+    let local = stream.local_addr()?;
+    let payload: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    let sent_sha = hex(&Sha256::digest(&payload));
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&payload)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut received = Vec::with_capacity(bytes);
+    stream.read_to_end(&mut received)?;
+    sender
+        .join()
+        .map_err(|_| std::io::Error::other("sender panicked"))??;
+    let recv_sha = hex(&Sha256::digest(&received));
+    let ok = received.len() == bytes && recv_sha == sent_sha;
+    println!(
+        "{}",
+        serde_json::json!({
+            "peer": peer.to_string(), "local": local.to_string(), "sent": bytes,
+            "received": received.len(), "sent_sha256": sent_sha, "received_sha256": recv_sha,
+            "ok": ok, "millis": started.elapsed().as_millis() as u64,
+        })
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("echo did not match what was sent"))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

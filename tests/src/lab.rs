@@ -1,0 +1,549 @@
+//! Bringing the lab up and down, running commands in pods, talking to the agents.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use meshlet_proto::v1::{node_service_client::NodeServiceClient, AddPodRequest, ListPodsRequest};
+
+use crate::{
+    cgroup, net, netns,
+    topology::{NodeInfo, PodInfo, PodSpec, Topology},
+    BPF_ROOT, CGROUP_ROOT, NAME_PREFIX, STATE_DIR,
+};
+
+/// Where the binaries are and how to run them.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Folder with `meshlet` and `meshlet-controlplane`.
+    pub bin_dir: PathBuf,
+    pub trust_domain: String,
+    /// Extra arguments for every agent.
+    pub agent_args: Vec<String>,
+    /// Certificate lifetime asked for, seconds.
+    pub cert_lifetime: u64,
+}
+
+impl LabOptions {
+    pub fn new(bin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            bin_dir: bin_dir.into(),
+            trust_domain: "cluster.local".into(),
+            agent_args: Vec::new(),
+            cert_lifetime: 3600,
+        }
+    }
+}
+
+/// A running lab. Dropping it tears everything down.
+pub struct Lab {
+    pub topology: Topology,
+    runtime: tokio::runtime::Runtime,
+    children: Vec<Child>,
+    torn_down: bool,
+}
+
+fn state_path(file: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(file)
+}
+
+/// Removes everything any lab made: processes, netns (and their veths), cgroups, pins,
+/// state. Safe to call when nothing is there.
+pub fn cleanup() {
+    if let Ok(text) = std::fs::read_to_string(state_path("pids")) {
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    cgroup::remove_tree(Path::new(CGROUP_ROOT));
+    for name in netns::list_lab() {
+        netns::delete(&name);
+    }
+    let _ = std::fs::remove_dir_all(BPF_ROOT);
+    let _ = std::fs::remove_dir_all(STATE_DIR);
+}
+
+/// What is left of the lab (empty when clean).
+pub fn leftovers() -> Vec<String> {
+    let mut left: Vec<String> = netns::list_lab()
+        .into_iter()
+        .map(|n| format!("netns {n}"))
+        .collect();
+    for (what, path) in [("cgroup", CGROUP_ROOT), ("bpffs", BPF_ROOT), ("state", STATE_DIR)] {
+        if Path::new(path).exists() {
+            left.push(format!("{what} {path}"));
+        }
+    }
+    left
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not there yet.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains("bpf")) {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpffs"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")
+}
+
+impl Lab {
+    /// Builds the lab for `pods`, starts the control plane and agents, announces the enrolled
+    /// pods and waits until their certificates are in hand.
+    pub fn up(pods: &[PodSpec], options: &LabOptions) -> anyhow::Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the lab needs root (network namespaces, cgroups, BPF)");
+        }
+        cleanup();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let mut lab = Lab {
+            topology: Topology::default(),
+            runtime,
+            children: Vec::new(),
+            torn_down: false,
+        };
+        // From here on, a failure tears down what was made (Drop).
+        lab.build(pods, options)?;
+        lab.start(options)?;
+        Ok(lab)
+    }
+
+    fn build(&mut self, pods: &[PodSpec], options: &LabOptions) -> anyhow::Result<()> {
+        std::fs::create_dir_all(state_path("logs"))?;
+        ensure_bpffs()?;
+        let mut node_names: Vec<String> = Vec::new();
+        for p in pods {
+            if !node_names.contains(&p.node) {
+                node_names.push(p.node.clone());
+            }
+        }
+        if node_names.len() > 2 {
+            bail!("the lab links at most two nodes");
+        }
+        let mut topo = Topology {
+            trust_domain: options.trust_domain.clone(),
+            controlplane_socket: state_path("controlplane.sock").display().to_string(),
+            controlplane_log: state_path("logs/controlplane.log").display().to_string(),
+            workloads_file: state_path("workloads.json").display().to_string(),
+            ..Default::default()
+        };
+        for (i, node) in node_names.iter().enumerate() {
+            let n = i as u8 + 1;
+            let ns = format!("{NAME_PREFIX}{node}");
+            netns::create(&ns)?;
+            netns::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+            let cg = cgroup::node_dir(node);
+            cgroup::create(&cg)?;
+            topo.nodes.push(NodeInfo {
+                name: node.clone(),
+                netns: ns,
+                link_ip: Ipv4Addr::new(10, 99, 0, n),
+                pod_cidr: format!("10.244.{n}.0/24"),
+                cgroup: cg.display().to_string(),
+                bpf_pin_dir: Path::new(BPF_ROOT).join(node).display().to_string(),
+                agent_socket: state_path(&format!("{node}/agent.sock")).display().to_string(),
+                agent_log: state_path(&format!("logs/{node}.log")).display().to_string(),
+            });
+        }
+        let mut next_host: BTreeMap<String, u8> = BTreeMap::new();
+        for spec in pods {
+            let node_index = topo
+                .nodes
+                .iter()
+                .position(|n| n.name == spec.node)
+                .context("pod on unknown node")? as u8
+                + 1;
+            let host = next_host.entry(spec.node.clone()).or_insert(2);
+            let ip = Ipv4Addr::new(10, 244, node_index, *host);
+            *host += 1;
+            let ns = format!("{NAME_PREFIX}{}", spec.name);
+            let netns_path = netns::create(&ns)?;
+            let cg = cgroup::pod_dir(&spec.node, &spec.name);
+            cgroup::create(&cg)?;
+            topo.pods.push(PodInfo {
+                name: spec.name.clone(),
+                uid: format!("uid-{}", spec.name),
+                node: spec.node.clone(),
+                namespace: spec.namespace.clone(),
+                service_account: spec.service_account.clone(),
+                identity: format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    options.trust_domain, spec.namespace, spec.service_account
+                ),
+                ip,
+                netns: ns,
+                netns_path: netns_path.display().to_string(),
+                cgroup: cg.display().to_string(),
+                enrolled: spec.enrolled,
+                registered: spec.registered,
+            });
+        }
+        if topo.nodes.len() == 2 {
+            topo.node_link = vec![
+                format!("{NAME_PREFIX}{}", topo.nodes[1].name),
+                format!("{NAME_PREFIX}{}", topo.nodes[0].name),
+            ];
+        }
+        self.topology = topo.clone();
+        self.save()?;
+        self.runtime.block_on(wire(&topo))?;
+        std::fs::write(&topo.workloads_file, serde_json::to_vec_pretty(&topo.workloads_json())?)?;
+        Ok(())
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        std::fs::write(
+            state_path("topology.json"),
+            serde_json::to_vec_pretty(&self.topology)?,
+        )?;
+        Ok(())
+    }
+
+    fn record_pid(&self, pid: u32) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_path("pids"))?;
+        writeln!(f, "{pid}")?;
+        Ok(())
+    }
+
+    fn start(&mut self, options: &LabOptions) -> anyhow::Result<()> {
+        let topo = self.topology.clone();
+        let cp_bin = options.bin_dir.join("meshlet-controlplane");
+        let agent_bin = options.bin_dir.join("meshlet");
+        for bin in [&cp_bin, &agent_bin] {
+            if !bin.exists() {
+                bail!("{} is missing: build first (`cargo build --workspace --bins`)", bin.display());
+            }
+        }
+        let log = std::fs::File::create(&topo.controlplane_log)?;
+        let mut cp = Command::new(&cp_bin);
+        cp.args(["--dev", "--listen"])
+            .arg(format!("unix:{}", topo.controlplane_socket))
+            .arg("--workloads")
+            .arg(&topo.workloads_file)
+            .args(["--trust-domain", &options.trust_domain])
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cp.spawn().context("starting the control plane")?;
+        self.record_pid(child.id())?;
+        self.children.push(child);
+        wait_for_path(Path::new(&topo.controlplane_socket), Duration::from_secs(20))
+            .context("control plane socket")?;
+
+        for node in &topo.nodes {
+            let log = std::fs::File::create(&node.agent_log)?;
+            let mut agent = Command::new(&agent_bin);
+            agent
+                .args(["agent", "--node", &node.name])
+                .arg("--control-plane")
+                .arg(format!("unix:{}", topo.controlplane_socket))
+                .arg("--node-socket")
+                .arg(&node.agent_socket)
+                .arg("--pod-cgroup")
+                .arg(&node.cgroup)
+                .arg("--bpf-pin-dir")
+                .arg(&node.bpf_pin_dir)
+                .arg("--cert-lifetime")
+                .arg(options.cert_lifetime.to_string())
+                .args(&options.agent_args)
+                .env("RUST_LOG", std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()))
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            enter_on_exec(&mut agent, &node.netns, None)?;
+            let child = agent.spawn().with_context(|| format!("starting the agent of {}", node.name))?;
+            self.record_pid(child.id())?;
+            self.children.push(child);
+        }
+        for node in &topo.nodes {
+            wait_for_path(Path::new(&node.agent_socket), Duration::from_secs(30)).with_context(|| {
+                format!(
+                    "agent of {} did not come up; its log ends:\n{}",
+                    node.name,
+                    log_tail(&node.agent_log, 30)
+                )
+            })?;
+        }
+        for pod in topo.pods.iter().filter(|p| p.enrolled) {
+            self.announce(pod)?;
+        }
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Tells the pod's node agent about it (the CNI's job).
+    pub fn announce(&self, pod: &PodInfo) -> anyhow::Result<u64> {
+        let node = self.topology.node(&pod.node).context("pod's node")?;
+        let request = AddPodRequest {
+            uid: pod.uid.clone(),
+            netns_path: pod.netns_path.clone(),
+        };
+        self.add_pod(&node.agent_socket, request)
+    }
+
+    /// Sends an AddPod to an agent; the error is the agent's own words.
+    pub fn add_pod(&self, agent_socket: &str, request: AddPodRequest) -> anyhow::Result<u64> {
+        let socket = agent_socket.to_string();
+        self.runtime.block_on(async move {
+            let mut client = NodeServiceClient::new(unix_channel(&socket).await?);
+            let response = client
+                .add_pod(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            Ok(response.into_inner().netns_cookie)
+        })
+    }
+
+    /// Waits until every enrolled, registered pod has its certificate.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for node in &self.topology.nodes {
+            let wanted: Vec<&PodInfo> = self
+                .topology
+                .pods
+                .iter()
+                .filter(|p| p.node == node.name && p.enrolled && p.registered)
+                .collect();
+            loop {
+                let socket = node.agent_socket.clone();
+                let pods = self.runtime.block_on(async move {
+                    let mut client = NodeServiceClient::new(unix_channel(&socket).await?);
+                    let pods = client.list_pods(ListPodsRequest {}).await?.into_inner().pods;
+                    anyhow::Ok(pods)
+                });
+                let ready = pods.as_ref().is_ok_and(|pods| {
+                    wanted
+                        .iter()
+                        .all(|w| pods.iter().any(|p| p.uid == w.uid && p.certificate_ready))
+                });
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "pods of {} not ready after {timeout:?} (agent says {pods:?}); its log ends:\n{}",
+                        node.name,
+                        log_tail(&node.agent_log, 30)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// A command that runs inside pod `name`'s netns and cgroup.
+    pub fn command_in(&self, name: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let (netns, cgroup) = if let Some(pod) = self.topology.pod(name) {
+            (pod.netns.clone(), Some(PathBuf::from(&pod.cgroup)))
+        } else if let Some(node) = self.topology.node(name) {
+            (node.netns.clone(), None)
+        } else {
+            bail!("no pod or node named {name} in the lab");
+        };
+        let mut cmd = Command::new(program);
+        enter_on_exec(&mut cmd, &netns, cgroup.as_deref())?;
+        Ok(cmd)
+    }
+
+    /// Replaces the control plane's workload registry (it notices and pushes a new version).
+    pub fn write_workloads(&self, value: &serde_json::Value) -> anyhow::Result<()> {
+        let tmp = format!("{}.tmp", self.topology.workloads_file);
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+        std::fs::rename(&tmp, &self.topology.workloads_file)?;
+        Ok(())
+    }
+
+    /// Everything an agent logged so far.
+    pub fn agent_log(&self, node: &str) -> String {
+        self.topology
+            .node(node)
+            .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
+    /// Stops the processes and removes everything.
+    pub fn down(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for child in &mut self.children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for child in &mut self.children {
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        cleanup();
+    }
+
+    /// Leaves the lab running when this value is dropped (for `lab up`).
+    pub fn detach(mut self) -> Topology {
+        self.torn_down = true;
+        self.children.clear();
+        self.topology.clone()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Reads the topology of a running lab.
+pub fn running_topology() -> anyhow::Result<Topology> {
+    let text = std::fs::read_to_string(state_path("topology.json"))
+        .context("no lab is up (run `cargo xtask lab up`)")?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Makes `cmd` enter `netns` (and join `cgroup`) between fork and exec.
+pub fn enter_on_exec(cmd: &mut Command, netns_name: &str, cgroup: Option<&Path>) -> anyhow::Result<()> {
+    let ns = std::fs::File::open(netns::path(netns_name))
+        .with_context(|| format!("opening netns {netns_name}"))?;
+    let procs = match cgroup {
+        Some(dir) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .with_context(|| format!("opening {}/cgroup.procs", dir.display()))?,
+        ),
+        None => None,
+    };
+    let ns_fd = ns.as_raw_fd();
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: between fork and exec the closure only makes two raw syscalls (write, setns) on
+    // fds opened before the fork; both are async-signal-safe. The files stay open in the parent
+    // until the Command is dropped because the closure owns them.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = (&ns, &procs);
+            if let Some(fd) = procs_fd {
+                // Writing "0" moves the writing process into the cgroup.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log file (for error messages: the lab removes its logs on teardown).
+pub fn log_tail(path: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+async fn unix_channel(path: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let path = PathBuf::from(path);
+    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// Links, addresses and routes for the whole topology.
+async fn wire(topo: &Topology) -> anyhow::Result<()> {
+    for node in &topo.nodes {
+        let h = net::handle_in(&node.netns).await?;
+        net::up(&h, "lo").await?;
+    }
+    if topo.nodes.len() == 2 {
+        let (a, b) = (&topo.nodes[0], &topo.nodes[1]);
+        let ha = net::handle_in(&a.netns).await?;
+        let hb = net::handle_in(&b.netns).await?;
+        let (a_if, b_if) = (&topo.node_link[0], &topo.node_link[1]);
+        net::veth(&ha, a_if, b_if, &b.netns, b_if).await?;
+        net::address(&ha, a_if, a.link_ip, 24).await?;
+        net::address(&hb, b_if, b.link_ip, 24).await?;
+        net::up(&ha, a_if).await?;
+        net::up(&hb, b_if).await?;
+        let cidr = |n: &NodeInfo| -> anyhow::Result<Ipv4Addr> {
+            let base = n.pod_cidr.split('/').next().context("cidr")?;
+            Ok(base.parse()?)
+        };
+        net::route_via(&ha, cidr(b)?, 24, b.link_ip).await?;
+        net::route_via(&hb, cidr(a)?, 24, a.link_ip).await?;
+    }
+    for pod in &topo.pods {
+        let node = topo.node(&pod.node).context("pod node")?;
+        let hn = net::handle_in(&node.netns).await?;
+        let gateway = Ipv4Addr::new(pod.ip.octets()[0], pod.ip.octets()[1], pod.ip.octets()[2], 1);
+        let node_if = format!("{NAME_PREFIX}{}", pod.name);
+        let tmp_if = format!("mp-{}", pod.name);
+        net::veth(&hn, &node_if, &tmp_if, &pod.netns, "eth0").await?;
+        net::address(&hn, &node_if, gateway, 32).await?;
+        net::up(&hn, &node_if).await?;
+        net::route_dev(&hn, pod.ip, 32, &node_if).await?;
+        let hp = net::handle_in(&pod.netns).await?;
+        net::up(&hp, "lo").await?;
+        net::address(&hp, "eth0", pod.ip, 32).await?;
+        net::up(&hp, "eth0").await?;
+        net::route_dev(&hp, gateway, 32, "eth0").await?;
+        net::route_via(&hp, Ipv4Addr::UNSPECIFIED, 0, gateway).await?;
+    }
+    Ok(())
+}

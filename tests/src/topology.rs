@@ -1,0 +1,109 @@
+//! What the lab builds: nodes, pods, addresses; saved as JSON for `lab status` and the tests.
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// A pod to create.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// Announced to the node's agent (in the mesh) or not.
+    pub enrolled: bool,
+    /// Listed in the control plane's registry (a pod can be enrolled yet unknown, or known
+    /// yet not enrolled).
+    pub registered: bool,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: &str, service_account: &str) -> Self {
+        Self {
+            name: name.into(),
+            node: node.into(),
+            namespace: "default".into(),
+            service_account: service_account.into(),
+            enrolled: true,
+            registered: true,
+        }
+    }
+
+    /// A pod outside the mesh: neither enrolled nor in the registry.
+    pub fn outside_mesh(mut self) -> Self {
+        self.enrolled = false;
+        self.registered = false;
+        self
+    }
+}
+
+/// A node as built.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub netns: String,
+    /// Address on the node-to-node link.
+    pub link_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub cgroup: String,
+    pub bpf_pin_dir: String,
+    pub agent_socket: String,
+    pub agent_log: String,
+}
+
+/// A pod as built.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub identity: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub netns_path: String,
+    pub cgroup: String,
+    pub enrolled: bool,
+    pub registered: bool,
+}
+
+/// The whole lab.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Topology {
+    pub trust_domain: String,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+    /// Interface names of the node-to-node link, in node order.
+    pub node_link: Vec<String>,
+    pub controlplane_socket: String,
+    pub controlplane_log: String,
+    pub workloads_file: String,
+}
+
+impl Topology {
+    pub fn pod(&self, name: &str) -> Option<&PodInfo> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The control plane's registry file contents.
+    pub fn workloads_json(&self) -> serde_json::Value {
+        let workloads: Vec<_> = self
+            .pods
+            .iter()
+            .filter(|p| p.registered)
+            .map(|p| {
+                serde_json::json!({
+                    "uid": p.uid, "namespace": p.namespace, "name": p.name,
+                    "service_account": p.service_account, "node": p.node,
+                    "ips": [p.ip.to_string()], "labels": {"app": p.name},
+                })
+            })
+            .collect();
+        serde_json::json!({ "workloads": workloads })
+    }
+}
