@@ -21,19 +21,22 @@ pub fn connect_lazy(address: &str) -> Result<Channel, ChannelError> {
         let path = PathBuf::from(path);
         // The URI is a placeholder; the connector below decides where to go.
         let endpoint = Endpoint::from_static("http://[::1]:50051");
-        Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        })))
+        Ok(
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            })),
+        )
     } else {
-        let endpoint =
-            Endpoint::from_shared(address.to_string()).map_err(|source| ChannelError::BadAddress {
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| {
+            ChannelError::BadAddress {
                 address: address.to_string(),
                 source,
-            })?;
+            }
+        })?;
         Ok(endpoint.connect_lazy())
     }
 }

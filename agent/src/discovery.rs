@@ -97,7 +97,10 @@ impl Default for Workloads {
 
 impl Workloads {
     fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn by_uid(&self, uid: &str) -> Option<Arc<WorkloadInfo>> {
@@ -114,7 +117,7 @@ impl Workloads {
 
     pub fn all(&self) -> Vec<Arc<WorkloadInfo>> {
         let mut all: Vec<_> = self.snapshot().by_uid.values().cloned().collect();
-        all.sort_by(|a, b| a.display_name().cmp(&b.display_name()));
+        all.sort_by_key(|w| w.display_name());
         all
     }
 
@@ -187,7 +190,11 @@ fn validate(update: &DiscoveryResponse) -> Result<Snapshot, DiscoveryError> {
                 });
             }
         }
-        if snapshot.by_uid.insert(info.uid.clone(), info.clone()).is_some() {
+        if snapshot
+            .by_uid
+            .insert(info.uid.clone(), info.clone())
+            .is_some()
+        {
             return Err(DiscoveryError::DuplicateUid(info.uid.clone()));
         }
     }
@@ -232,20 +239,32 @@ async fn follow_once(
         let update = update?;
         let kind = match workloads.apply(&update, bundle) {
             Ok(()) => {
-                tracing::info!(version = update.version, workloads = update.workloads.len(), "applied control-plane update");
+                tracing::info!(
+                    version = update.version,
+                    workloads = update.workloads.len(),
+                    "applied control-plane update"
+                );
                 discovery_request::Kind::Ack(Ack {
                     version: update.version,
                 })
             }
             Err(e) => {
-                tracing::error!(version = update.version, "refused control-plane update (NACK), keeping version {}: {e}", workloads.version());
+                tracing::error!(
+                    version = update.version,
+                    "refused control-plane update (NACK), keeping version {}: {e}",
+                    workloads.version()
+                );
                 discovery_request::Kind::Nack(Nack {
                     version: update.version,
                     error: e.to_string(),
                 })
             }
         };
-        if tx.send(DiscoveryRequest { kind: Some(kind) }).await.is_err() {
+        if tx
+            .send(DiscoveryRequest { kind: Some(kind) })
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -286,9 +305,15 @@ mod tests {
             good.by_ip[&ip].identity.to_string(),
             "spiffe://cluster.local/ns/default/sa/web"
         );
-        let bad_ip = validate(&update(2, vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.300")]));
+        let bad_ip = validate(&update(
+            2,
+            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.300")],
+        ));
         assert!(matches!(bad_ip, Err(DiscoveryError::BadIp { .. })));
-        let dup = validate(&update(2, vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")]));
+        let dup = validate(&update(
+            2,
+            vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
+        ));
         assert!(matches!(dup, Err(DiscoveryError::DuplicateIp { .. })));
         let mut bad_sa = workload("c", "10.0.0.3");
         bad_sa.service_account = "../x".into();

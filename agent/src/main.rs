@@ -4,7 +4,11 @@ use meshlet_agent::{channel, run};
 use meshlet_proto::v1::{node_service_client::NodeServiceClient, ListPodsRequest};
 
 #[derive(Parser)]
-#[command(name = "meshlet", version, about = "meshlet: mTLS for every pod, no sidecars")]
+#[command(
+    name = "meshlet",
+    version,
+    about = "meshlet: mTLS for every pod, no sidecars"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -35,9 +39,13 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    use std::io::IsTerminal;
+    // Colours only on a terminal: log files and collectors get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -12,9 +12,7 @@ use meshlet_common::{AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{
-    deliver, identity::SpiffeId, inbound, netns::Netns, node::NodeAgent, outbound,
-};
+use crate::{deliver, identity::SpiffeId, inbound, netns::Netns, node::NodeAgent, outbound};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -93,7 +91,9 @@ impl PodRegistry {
         let mut changes = registry.agent.workloads.subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                let Some(registry) = weak.upgrade() else { return };
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
                 registry.reconcile_identities();
             }
         });
@@ -189,7 +189,11 @@ impl PodRegistry {
 
     /// Forgets a pod: unenrolls it, closes its listeners, lets go of its netns and identity.
     pub fn remove(&self, uid: &str) -> bool {
-        let pod = self.pods.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+        let pod = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
         let Some(pod) = pod else { return false };
         self.agent.redirect.unenroll(pod.handle.netns_cookie);
         pod.tasks.iter().for_each(JoinHandle::abort);
@@ -264,8 +268,7 @@ fn open_listeners() -> Result<PodSockets, (SocketAddr, std::io::Error)> {
     let out4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
     let tun4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, TUNNEL_PORT));
     let outbound4 = listener_socket(out4).map_err(|e| (out4, e))?;
-    let cookie =
-        crate::netns::socket_netns_cookie(outbound4.as_fd()).map_err(|e| (out4, e))?;
+    let cookie = crate::netns::socket_netns_cookie(outbound4.as_fd()).map_err(|e| (out4, e))?;
     let tunnel4 = listener_socket(tun4).map_err(|e| (tun4, e))?;
     let mut outbound = vec![outbound4];
     let mut tunnel = vec![tunnel4];

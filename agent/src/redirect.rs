@@ -21,7 +21,9 @@ const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "getpeername4", "getp
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error("cannot create the bpffs pin folder {path}: {source} (is bpffs mounted at /sys/fs/bpf?)")]
+    #[error(
+        "cannot create the bpffs pin folder {path}: {source} (is bpffs mounted at /sys/fs/bpf?)"
+    )]
     PinDir {
         path: PathBuf,
         source: std::io::Error,
@@ -294,7 +296,10 @@ mod tests {
         let kernel = ConnectionKey::new(7, ipv4_mapped(u32::from_ne_bytes([127, 0, 0, 1])), 40000);
         assert_eq!(key, kernel);
         let v6: SocketAddr = "[::1]:5".parse().expect("addr");
-        assert_eq!(connection_key(1, v6).ip, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
+        assert_eq!(
+            connection_key(1, v6).ip,
+            [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+        );
     }
 
     #[test]
@@ -315,6 +320,9 @@ mod tests {
             ip: octets_to_words(v6.octets()),
             ..original
         };
-        assert_eq!(original_to_socket_addr(&original), SocketAddr::new(IpAddr::V6(v6), 8080));
+        assert_eq!(
+            original_to_socket_addr(&original),
+            SocketAddr::new(IpAddr::V6(v6), 8080)
+        );
     }
 }

@@ -53,7 +53,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         channel::connect_lazy(&config.control_plane).context("control-plane address")?;
     let provider = tls::provider();
     let identities = Arc::new(IdentityStore::new(
-        Arc::new(GrpcCaClient::new(control_plane.clone(), config.node.clone())),
+        Arc::new(GrpcCaClient::new(
+            control_plane.clone(),
+            config.node.clone(),
+        )),
         provider.clone(),
         Duration::from_secs(config.cert_lifetime),
     ));

@@ -133,16 +133,20 @@ impl TrustBundle {
         if anchors.is_empty() {
             return Err(rustls::Error::General(TlsError::NoRoots.to_string()));
         }
-        let (_, cert) = X509Certificate::from_der(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let (_, cert) = X509Certificate::from_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         if cert.is_ca() {
-            return Err(rustls::Error::General("peer leaf is a CA certificate".into()));
+            return Err(rustls::Error::General(
+                "peer leaf is a CA certificate".into(),
+            ));
         }
         let id = spiffe_id_of(&cert).map_err(|e| {
             rustls::Error::General(format!("peer certificate has no usable SPIFFE ID: {e}"))
         })?;
-        let ee = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         ee.verify_for_usage(
             provider.signature_verification_algorithms.all,
             &anchors,

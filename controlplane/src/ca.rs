@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -72,8 +71,7 @@ impl CertificateAuthority {
 
         let int_key = KeyPair::generate().map_err(CaError::Signing)?;
         let mut int_params = CertificateParams::default();
-        int_params.distinguished_name =
-            name(&format!("meshlet dev intermediate ({trust_domain})"));
+        int_params.distinguished_name = name(&format!("meshlet dev intermediate ({trust_domain})"));
         int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         int_params.not_before = now - Duration::from_secs(60);
@@ -122,10 +120,7 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(CaError::Signing)?;
+        let uri = identity.to_string().try_into().map_err(CaError::Signing)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -195,7 +190,11 @@ mod tests {
         // The CSR asks for CA:true and an extra DNS name; neither may appear.
         let mut req = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
         req.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let csr = req.serialize_request(&key).expect("csr").pem().expect("pem");
+        let csr = req
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
         let chain = ca
             .sign(
                 &csr,
@@ -214,9 +213,22 @@ mod tests {
             .expect("san ext")
             .expect("san");
         assert_eq!(san.value.general_names.len(), 1);
-        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert!(lifetime <= 3600 + 60, "lifetime capped, got {lifetime}");
-        assert!(ca.sign(&csr, "spiffe://other.domain/ns/default/sa/web", Duration::ZERO).is_err());
-        assert!(ca.sign("not a csr", "spiffe://cluster.local/ns/default/sa/web", Duration::ZERO).is_err());
+        assert!(ca
+            .sign(
+                &csr,
+                "spiffe://other.domain/ns/default/sa/web",
+                Duration::ZERO
+            )
+            .is_err());
+        assert!(ca
+            .sign(
+                "not a csr",
+                "spiffe://cluster.local/ns/default/sa/web",
+                Duration::ZERO
+            )
+            .is_err());
     }
 }

@@ -13,7 +13,10 @@ mod registry;
 mod services;
 
 #[derive(Parser, Debug)]
-#[command(name = "meshlet-controlplane", about = "meshlet's reference control plane")]
+#[command(
+    name = "meshlet-controlplane",
+    about = "meshlet's reference control plane"
+)]
 struct Args {
     /// Where to serve gRPC: `unix:/path/to.sock` or `HOST:PORT`.
     #[arg(long, default_value = "unix:/run/meshlet/controlplane.sock")]
@@ -36,9 +39,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
     if !args.dev {
@@ -80,10 +83,12 @@ async fn main() -> anyhow::Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
             .await?;
     } else {
-        let addr = args
-            .listen
-            .parse()
-            .with_context(|| format!("--listen {:?} is neither unix:PATH nor HOST:PORT", args.listen))?;
+        let addr = args.listen.parse().with_context(|| {
+            format!(
+                "--listen {:?} is neither unix:PATH nor HOST:PORT",
+                args.listen
+            )
+        })?;
         tracing::info!(%addr, trust_domain = %args.trust_domain, "control plane serving");
         router.serve(addr).await?;
     }

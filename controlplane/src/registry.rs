@@ -15,7 +15,9 @@ pub enum RegistryError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("workload file {path} is not valid JSON of the form {{\"workloads\": [...]}}: {source}")]
+    #[error(
+        "workload file {path} is not valid JSON of the form {{\"workloads\": [...]}}: {source}"
+    )]
     Parse {
         path: PathBuf,
         source: serde_json::Error,
@@ -62,10 +64,11 @@ fn load(path: &PathBuf) -> Result<Vec<Workload>, RegistryError> {
         path: path.clone(),
         source,
     })?;
-    let file: RegistryFile = serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
-        path: path.clone(),
-        source,
-    })?;
+    let file: RegistryFile =
+        serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
+            path: path.clone(),
+            source,
+        })?;
     Ok(file
         .workloads
         .into_iter()
@@ -102,7 +105,11 @@ pub fn watch_file(path: PathBuf) -> Result<watch::Receiver<Snapshot>, RegistryEr
             match load(&path) {
                 Ok(workloads) => {
                     let version = tx.borrow().version + 1;
-                    tracing::info!(version, count = workloads.len(), "workload registry changed");
+                    tracing::info!(
+                        version,
+                        count = workloads.len(),
+                        "workload registry changed"
+                    );
                     if tx.send(Snapshot { version, workloads }).is_err() {
                         return;
                     }

@@ -85,16 +85,15 @@ impl DiscoveryService for Discovery {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let mut inbound = request.into_inner();
-        let node = match inbound.next().await {
-            Some(Ok(DiscoveryRequest {
-                kind: Some(discovery_request::Kind::Hello(hello)),
-            })) if !hello.node.is_empty() => hello.node,
-            _ => {
-                return Err(Status::invalid_argument(
+        let node =
+            match inbound.next().await {
+                Some(Ok(DiscoveryRequest {
+                    kind: Some(discovery_request::Kind::Hello(hello)),
+                })) if !hello.node.is_empty() => hello.node,
+                _ => return Err(Status::invalid_argument(
                     "the first message on the discovery stream must be Hello with the node name",
-                ))
-            }
-        };
+                )),
+            };
         tracing::info!(%node, "node connected to discovery");
         let (tx, rx) = mpsc::channel(4);
         let mut registry = self.registry.clone();
@@ -126,7 +125,9 @@ impl DiscoveryService for Discovery {
                     }) => tracing::info!(%node, version = ack.version, "node applied version"),
                     Ok(DiscoveryRequest {
                         kind: Some(discovery_request::Kind::Nack(nack)),
-                    }) => tracing::warn!(%node, version = nack.version, error = %nack.error, "node refused version"),
+                    }) => {
+                        tracing::warn!(%node, version = nack.version, error = %nack.error, "node refused version")
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::info!(%node, "discovery stream ended: {e}");

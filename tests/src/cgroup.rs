@@ -13,7 +13,10 @@ pub fn pod_dir(node: &str, pod: &str) -> PathBuf {
 
 pub fn create(path: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(path).with_context(|| {
-        format!("creating cgroup {} (is cgroup v2 mounted at /sys/fs/cgroup/unified?)", path.display())
+        format!(
+            "creating cgroup {} (is cgroup v2 mounted at /sys/fs/cgroup/unified?)",
+            path.display()
+        )
     })
 }
 

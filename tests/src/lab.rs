@@ -78,7 +78,11 @@ pub fn leftovers() -> Vec<String> {
         .into_iter()
         .map(|n| format!("netns {n}"))
         .collect();
-    for (what, path) in [("cgroup", CGROUP_ROOT), ("bpffs", BPF_ROOT), ("state", STATE_DIR)] {
+    for (what, path) in [
+        ("cgroup", CGROUP_ROOT),
+        ("bpffs", BPF_ROOT),
+        ("state", STATE_DIR),
+    ] {
         if Path::new(path).exists() {
             left.push(format!("{what} {path}"));
         }
@@ -89,7 +93,10 @@ pub fn leftovers() -> Vec<String> {
 /// Mounts bpffs at /sys/fs/bpf when it is not there yet.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains("bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains("bpf"))
+    {
         return Ok(());
     }
     std::fs::create_dir_all("/sys/fs/bpf")?;
@@ -160,8 +167,12 @@ impl Lab {
                 pod_cidr: format!("10.244.{n}.0/24"),
                 cgroup: cg.display().to_string(),
                 bpf_pin_dir: Path::new(BPF_ROOT).join(node).display().to_string(),
-                agent_socket: state_path(&format!("{node}/agent.sock")).display().to_string(),
-                agent_log: state_path(&format!("logs/{node}.log")).display().to_string(),
+                agent_socket: state_path(&format!("{node}/agent.sock"))
+                    .display()
+                    .to_string(),
+                agent_log: state_path(&format!("logs/{node}.log"))
+                    .display()
+                    .to_string(),
             });
         }
         let mut next_host: BTreeMap<String, u8> = BTreeMap::new();
@@ -206,7 +217,10 @@ impl Lab {
         self.topology = topo.clone();
         self.save()?;
         self.runtime.block_on(wire(&topo))?;
-        std::fs::write(&topo.workloads_file, serde_json::to_vec_pretty(&topo.workloads_json())?)?;
+        std::fs::write(
+            &topo.workloads_file,
+            serde_json::to_vec_pretty(&topo.workloads_json())?,
+        )?;
         Ok(())
     }
 
@@ -234,7 +248,10 @@ impl Lab {
         let agent_bin = options.bin_dir.join("meshlet");
         for bin in [&cp_bin, &agent_bin] {
             if !bin.exists() {
-                bail!("{} is missing: build first (`cargo build --workspace --bins`)", bin.display());
+                bail!(
+                    "{} is missing: build first (`cargo build --workspace --bins`)",
+                    bin.display()
+                );
             }
         }
         let log = std::fs::File::create(&topo.controlplane_log)?;
@@ -249,8 +266,11 @@ impl Lab {
         let child = cp.spawn().context("starting the control plane")?;
         self.record_pid(child.id())?;
         self.children.push(child);
-        wait_for_path(Path::new(&topo.controlplane_socket), Duration::from_secs(20))
-            .context("control plane socket")?;
+        wait_for_path(
+            Path::new(&topo.controlplane_socket),
+            Duration::from_secs(20),
+        )
+        .context("control plane socket")?;
 
         for node in &topo.nodes {
             let log = std::fs::File::create(&node.agent_log)?;
@@ -268,22 +288,29 @@ impl Lab {
                 .arg("--cert-lifetime")
                 .arg(options.cert_lifetime.to_string())
                 .args(&options.agent_args)
-                .env("RUST_LOG", std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdout(log.try_clone()?)
                 .stderr(log);
             enter_on_exec(&mut agent, &node.netns, None)?;
-            let child = agent.spawn().with_context(|| format!("starting the agent of {}", node.name))?;
+            let child = agent
+                .spawn()
+                .with_context(|| format!("starting the agent of {}", node.name))?;
             self.record_pid(child.id())?;
             self.children.push(child);
         }
         for node in &topo.nodes {
-            wait_for_path(Path::new(&node.agent_socket), Duration::from_secs(30)).with_context(|| {
-                format!(
-                    "agent of {} did not come up; its log ends:\n{}",
-                    node.name,
-                    log_tail(&node.agent_log, 30)
-                )
-            })?;
+            wait_for_path(Path::new(&node.agent_socket), Duration::from_secs(30)).with_context(
+                || {
+                    format!(
+                        "agent of {} did not come up; its log ends:\n{}",
+                        node.name,
+                        log_tail(&node.agent_log, 30)
+                    )
+                },
+            )?;
         }
         for pod in topo.pods.iter().filter(|p| p.enrolled) {
             self.announce(pod)?;
@@ -328,7 +355,11 @@ impl Lab {
                 let socket = node.agent_socket.clone();
                 let pods = self.runtime.block_on(async move {
                     let mut client = NodeServiceClient::new(unix_channel(&socket).await?);
-                    let pods = client.list_pods(ListPodsRequest {}).await?.into_inner().pods;
+                    let pods = client
+                        .list_pods(ListPodsRequest {})
+                        .await?
+                        .into_inner()
+                        .pods;
                     anyhow::Ok(pods)
                 });
                 let ready = pods.as_ref().is_ok_and(|pods| {
@@ -353,7 +384,11 @@ impl Lab {
     }
 
     /// A command that runs inside pod `name`'s netns and cgroup.
-    pub fn command_in(&self, name: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+    pub fn command_in(
+        &self,
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
         let (netns, cgroup) = if let Some(pod) = self.topology.pod(name) {
             (pod.netns.clone(), Some(PathBuf::from(&pod.cgroup)))
         } else if let Some(node) = self.topology.node(name) {
@@ -438,7 +473,11 @@ pub fn running_topology() -> anyhow::Result<Topology> {
 }
 
 /// Makes `cmd` enter `netns` (and join `cgroup`) between fork and exec.
-pub fn enter_on_exec(cmd: &mut Command, netns_name: &str, cgroup: Option<&Path>) -> anyhow::Result<()> {
+pub fn enter_on_exec(
+    cmd: &mut Command,
+    netns_name: &str,
+    cgroup: Option<&Path>,
+) -> anyhow::Result<()> {
     let ns = std::fs::File::open(netns::path(netns_name))
         .with_context(|| format!("opening netns {netns_name}"))?;
     let procs = match cgroup {
@@ -531,7 +570,12 @@ async fn wire(topo: &Topology) -> anyhow::Result<()> {
     for pod in &topo.pods {
         let node = topo.node(&pod.node).context("pod node")?;
         let hn = net::handle_in(&node.netns).await?;
-        let gateway = Ipv4Addr::new(pod.ip.octets()[0], pod.ip.octets()[1], pod.ip.octets()[2], 1);
+        let gateway = Ipv4Addr::new(
+            pod.ip.octets()[0],
+            pod.ip.octets()[1],
+            pod.ip.octets()[2],
+            1,
+        );
         let node_if = format!("{NAME_PREFIX}{}", pod.name);
         let tmp_if = format!("mp-{}", pod.name);
         net::veth(&hn, &node_if, &tmp_if, &pod.netns, "eth0").await?;

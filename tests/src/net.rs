@@ -73,7 +73,11 @@ pub async fn veth(
         let idx = index(&peer_handle, peer).await?;
         peer_handle
             .link()
-            .set(LinkUnspec::new_with_index(idx).name(peer_name.to_string()).build())
+            .set(
+                LinkUnspec::new_with_index(idx)
+                    .name(peer_name.to_string())
+                    .build(),
+            )
             .execute()
             .await
             .with_context(|| format!("renaming {peer} to {peer_name}"))?;
@@ -92,7 +96,12 @@ pub async fn address(handle: &Handle, link: &str, ip: Ipv4Addr, prefix: u8) -> a
 }
 
 /// `ip route add DST/PREFIX dev LINK scope link`.
-pub async fn route_dev(handle: &Handle, dst: Ipv4Addr, prefix: u8, link: &str) -> anyhow::Result<()> {
+pub async fn route_dev(
+    handle: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    link: &str,
+) -> anyhow::Result<()> {
     let index = index(handle, link).await?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst, prefix)
@@ -108,7 +117,12 @@ pub async fn route_dev(handle: &Handle, dst: Ipv4Addr, prefix: u8, link: &str) -
 }
 
 /// `ip route add DST/PREFIX via GW`.
-pub async fn route_via(handle: &Handle, dst: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> anyhow::Result<()> {
+pub async fn route_via(
+    handle: &Handle,
+    dst: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+) -> anyhow::Result<()> {
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst, prefix)
         .gateway(gateway)

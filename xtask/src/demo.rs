@@ -74,34 +74,46 @@ pub fn run(bin_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
     );
     check(
         report["peer"] == format!("{}:8080", api.ip).as_str(),
-        &format!("web's getpeername() says {} (the peer it dialled, not the agent)", report["peer"]),
+        &format!(
+            "web's getpeername() says {} (the peer it dialled, not the agent)",
+            report["peer"]
+        ),
         &mut failures,
     );
     check(
         accept.starts_with(&format!("ACCEPT {}:", web.ip)),
-        &format!("api's server saw the connection come from web's own IP {}", web.ip),
+        &format!(
+            "api's server saw the connection come from web's own IP {}",
+            web.ip
+        ),
         &mut failures,
     );
     let outbound = log1
         .lines()
-        .filter(|l| l.contains("direction=\"outbound\"") && l.contains(&api.ip.to_string()))
-        .last()
+        .rev()
+        .find(|l| l.contains("direction=\"outbound\"") && l.contains(&api.ip.to_string()))
         .unwrap_or_default()
         .to_string();
     let inbound = log2
         .lines()
-        .filter(|l| l.contains("direction=\"inbound\"") && l.contains(&web.identity))
-        .last()
+        .rev()
+        .find(|l| l.contains("direction=\"inbound\"") && l.contains(&web.identity))
         .unwrap_or_default()
         .to_string();
     check(
         outbound.contains(&web.identity) && outbound.contains(&api.identity),
-        &format!("node-1's agent tunnelled it as {} to {}", web.identity, api.identity),
+        &format!(
+            "node-1's agent tunnelled it as {} to {}",
+            web.identity, api.identity
+        ),
         &mut failures,
     );
     check(
         inbound.contains(&web.identity) && inbound.contains("outcome=\"closed\""),
-        &format!("node-2's agent verified the client as {} and delivered it", web.identity),
+        &format!(
+            "node-2's agent verified the client as {} and delivered it",
+            web.identity
+        ),
         &mut failures,
     );
     println!("\n== the agents' own view of the connection (access log)");

@@ -77,7 +77,9 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 /// Where bpf-linker's libLLVM link lives: a stable place, since bpf-linker finds it by rpath.
 fn llvm_prefix() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
     home.join(".local/share/meshlet/llvm")
 }
 
@@ -102,7 +104,13 @@ fn setup() -> anyhow::Result<()> {
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     // bpf-linker 0.13.0 against nightly's own libLLVM.
     let linker_ok = Command::new("bpf-linker")
@@ -126,14 +134,17 @@ fn setup() -> anyhow::Result<()> {
             std::os::unix::fs::symlink(lib.join(&llvm), &link)?;
         }
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", "0.13.0", "--no-default-features", "--features", "llvm-22", "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--force",
+            ])
             .env("LLVM_PREFIX", &prefix))?;
-    } else {
-        // The rpath target must exist even when the binary is already installed.
-        let prefix_lib = llvm_prefix().join("lib");
-        if !prefix_lib.exists() {
-            eprintln!("xtask: bpf-linker works; keeping it");
-        }
     }
     // Debian packages the tests and the bench use.
     let missing: Vec<&str> = DEBIAN_PACKAGES
@@ -164,24 +175,37 @@ fn nix_is_root() -> bool {
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["build", "--workspace", "--bins"]);
+    cmd.current_dir(root())
+        .args(["build", "--workspace", "--bins"]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(root().join("target").join(if release { "release" } else { "debug" }))
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
 }
 
 fn test() -> anyhow::Result<()> {
     setup()?;
     let bin_dir = build(false)?;
-    run(Command::new("cargo").current_dir(root()).args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo")
         .current_dir(root())
-        .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    run(Command::new("cargo")
-        .current_dir(root())
-        .args(["test", "--workspace", "--exclude", "meshlet-lab"]))?;
+        .args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").current_dir(root()).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "meshlet-lab",
+    ]))?;
     // The lab tests share machine-wide names: one at a time.
     run(Command::new("cargo")
         .current_dir(root())

@@ -1,7 +1,9 @@
 //! Talking to the control plane's CA. A trait, so that tests can inject a fake CA.
 use std::time::Duration;
 
-use meshlet_proto::v1::{certificate_service_client::CertificateServiceClient, CreateCertificateRequest};
+use meshlet_proto::v1::{
+    certificate_service_client::CertificateServiceClient, CreateCertificateRequest,
+};
 use tonic::transport::Channel;
 
 use super::SpiffeId;

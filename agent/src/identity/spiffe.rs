@@ -7,7 +7,9 @@ pub enum SpiffeIdError {
     Scheme(String),
     #[error("{0:?} has an invalid trust domain (lowercase letters, digits, '.', '-', '_' only)")]
     TrustDomain(String),
-    #[error("{0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "{0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Path(String),
 }
 

@@ -12,7 +12,9 @@ use rustls_pki_types::ServerName;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 
-use super::{pool::PooledConnection, TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{
+    pool::PooledConnection, TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
+};
 use crate::netns::Netns;
 
 /// Makes new tunnel connections for one source pod.
@@ -74,7 +76,11 @@ impl TunnelConnector<'_> {
 }
 
 fn marked_socket(endpoint: SocketAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(endpoint), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(endpoint),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_mark(AGENT_MARK)?;
     socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;

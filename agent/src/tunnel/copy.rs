@@ -19,7 +19,8 @@ pub struct Transferred {
 
 fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("http/2 i/o error"))
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("http/2 i/o error"))
     } else {
         io::Error::other(e)
     }

@@ -190,14 +190,25 @@ mod tests {
         };
         let a = pool.checkout(&k, dial).await.expect("a");
         let b = pool.checkout(&k, dial).await.expect("b");
-        assert_eq!(dials.load(Ordering::SeqCst), 1, "two streams share one connection");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            1,
+            "two streams share one connection"
+        );
         let c = pool.checkout(&k, dial).await.expect("c");
-        assert_eq!(dials.load(Ordering::SeqCst), 2, "the cap forces a second connection");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            2,
+            "the cap forces a second connection"
+        );
         drop(a);
         let _d = pool.checkout(&k, dial).await.expect("d");
         assert_eq!(dials.load(Ordering::SeqCst), 2, "a freed slot is reused");
         // Another destination never shares.
-        let _e = pool.checkout(&key("10.0.0.3:15008"), dial).await.expect("e");
+        let _e = pool
+            .checkout(&key("10.0.0.3:15008"), dial)
+            .await
+            .expect("e");
         assert_eq!(dials.load(Ordering::SeqCst), 3);
         // A poisoned connection is not handed out again.
         b.poison();

@@ -19,8 +19,8 @@
 mod programs {
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr,
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG,
         },
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
         macros::{cgroup_sock_addr, map, sock_ops},
@@ -53,8 +53,7 @@ mod programs {
 
     /// Original destination by connection key, for the agent.
     #[map(name = "ORIG_DST_BY_CONN")]
-    static ORIG_DST_BY_CONN: LruHashMap<ConnectionKey, OriginalDst> =
-        LruHashMap::pinned(65_536, 0);
+    static ORIG_DST_BY_CONN: LruHashMap<ConnectionKey, OriginalDst> = LruHashMap::pinned(65_536, 0);
 
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
@@ -134,11 +133,17 @@ mod programs {
         };
         if ORIG_DST_BY_COOKIE.insert(&cookie, &original, 0).is_err() {
             count(stats::REFUSED_NO_SPACE);
-            warn!(ctx, "meshlet: cannot save original destination; refusing connect");
+            warn!(
+                ctx,
+                "meshlet: cannot save original destination; refusing connect"
+            );
             return Err(());
         }
         count(stats::REDIRECTED);
-        debug!(ctx, "meshlet: redirect port {} netns {}", port, netns_cookie);
+        debug!(
+            ctx,
+            "meshlet: redirect port {} netns {}", port, netns_cookie
+        );
         Ok(true)
     }
 

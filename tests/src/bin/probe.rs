@@ -31,7 +31,10 @@ fn main() {
 }
 
 fn serve(args: &[String]) -> std::io::Result<()> {
-    let port: u16 = args.first().and_then(|p| p.parse().ok()).unwrap_or_else(|| usage());
+    let port: u16 = args
+        .first()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| usage());
     let max: usize = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(1000);
     let timeout = Duration::from_secs(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(300));
     let listener = TcpListener::bind(("0.0.0.0", port))?;
@@ -40,19 +43,24 @@ fn serve(args: &[String]) -> std::io::Result<()> {
     std::io::stdout().flush()?;
     let deadline = Instant::now() + timeout;
     let mut served = 0;
+    let mut echoes = Vec::new();
     while served < max && Instant::now() < deadline {
         match listener.accept() {
             Ok((stream, peer)) => {
                 served += 1;
                 println!("ACCEPT {peer}");
                 std::io::stdout().flush()?;
-                std::thread::spawn(move || echo(stream));
+                echoes.push(std::thread::spawn(move || echo(stream)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => return Err(e),
         }
+    }
+    // Finish the connections in progress (each is bounded by its read timeout).
+    for echo in echoes {
+        let _ = echo.join();
     }
     Ok(())
 }
@@ -88,8 +96,14 @@ fn connect(to: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
 }
 
 fn send(args: &[String]) -> std::io::Result<()> {
-    let to: SocketAddr = args.first().and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
-    let bytes: usize = args.get(1).and_then(|b| b.parse().ok()).unwrap_or_else(|| usage());
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let bytes: usize = args
+        .get(1)
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| usage());
     let mark: Option<u32> = args.get(2).and_then(|m| {
         m.strip_prefix("0x")
             .map(|h| u32::from_str_radix(h, 16).ok())
@@ -100,7 +114,11 @@ fn send(args: &[String]) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let peer = stream.peer_addr()?;
     let local = stream.local_addr()?;
-    let payload: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    // PROBE_FILL=TEXT repeats TEXT instead of random bytes (for plaintext-capture tests).
+    let payload: Vec<u8> = match std::env::var("PROBE_FILL") {
+        Ok(fill) if !fill.is_empty() => fill.bytes().cycle().take(bytes).collect(),
+        _ => (0..bytes).map(|_| rand::random::<u8>()).collect(),
+    };
     let sent_sha = hex(&Sha256::digest(&payload));
     let mut writer = stream.try_clone()?;
     let sender = std::thread::spawn(move || -> std::io::Result<()> {

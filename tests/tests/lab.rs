@@ -1,0 +1,430 @@
+//! End-to-end tests in the lab: real network namespaces, real eBPF, real agents. Root only;
+//! run one at a time (`cargo xtask test` does).
+use std::{
+    io::{BufRead, BufReader},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
+use meshlet_proto::v1::AddPodRequest;
+
+fn bin_dir() -> PathBuf {
+    std::env::var_os("MESHLET_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")))
+}
+
+const PROBE: &str = env!("CARGO_BIN_EXE_meshlet-lab-probe");
+const AGENT_MARK: &str = "0x6d6c0001";
+
+fn up(pods: &[PodSpec]) -> Lab {
+    Lab::up(pods, &LabOptions::new(bin_dir())).expect("lab up")
+}
+
+/// An echo server in a pod; `finish` returns the peers it accepted.
+struct Server {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(lab: &Lab, pod: &str, port: u16) -> Self {
+        let mut child = lab
+            .command_in(pod, PROBE)
+            .expect("command")
+            .args(["serve", &port.to_string(), "100", "120"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server listening");
+        assert!(first.starts_with("LISTENING"), "{first}");
+        Self { child, lines: rx }
+    }
+
+    fn accepted(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the probe client in `pod`; returns (success, JSON report or stderr).
+fn send(
+    lab: &Lab,
+    pod: &str,
+    to: &str,
+    bytes: usize,
+    mark: Option<&str>,
+    fill: Option<&str>,
+) -> (bool, serde_json::Value, String) {
+    let mut cmd = lab.command_in(pod, PROBE).expect("command");
+    cmd.args(["send", to, &bytes.to_string()]);
+    if let Some(mark) = mark {
+        cmd.arg(mark);
+    }
+    if let Some(fill) = fill {
+        cmd.env("PROBE_FILL", fill);
+    }
+    let out = cmd.output().expect("probe send");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        report,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Raw frames seen on one interface of a netns (AF_PACKET), until stopped.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    fn start(netns: &str, interface: &str) -> Self {
+        let iface = interface.to_string();
+        let fd: OwnedFd = meshlet_lab::netns::run_in(netns, move || {
+            let name = std::ffi::CString::new(iface)?;
+            // SAFETY: plain libc calls with valid arguments; the fd is owned right away.
+            unsafe {
+                let index = libc::if_nametoindex(name.as_ptr());
+                anyhow::ensure!(index != 0, "no interface");
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                anyhow::ensure!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto;
+                addr.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                anyhow::ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(fd)
+            }
+        })
+        .expect("capture socket");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 70_000];
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && frames.len() < 200_000
+            {
+                // SAFETY: reading into a buffer of the size passed.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn mesh_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec::new("web", "node-1", "frontend"),
+        PodSpec::new("api", "node-2", "backend"),
+        PodSpec::new("legacy", "node-1", "legacy").outside_mesh(),
+        PodSpec::new("ext", "node-2", "ext").outside_mesh(),
+    ]
+}
+
+#[test]
+fn web_to_api_one_mib_each_way_over_mtls_and_nothing_in_plaintext_on_the_wire() {
+    let lab = up(&mesh_pods());
+    let web = lab.topology.pod("web").expect("web").clone();
+    let api = lab.topology.pod("api").expect("api").clone();
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let link = lab.topology.node_link[0].clone();
+    let server = Server::start(&lab, "api", 8080);
+
+    let marker = "MESHLET-PLAINTEXT-MARKER-7f3a";
+    let capture = Capture::start(&node1.netns, &link);
+    let (ok, report, err) = send(
+        &lab,
+        "web",
+        &format!("{}:8080", api.ip),
+        1 << 20,
+        None,
+        Some(marker),
+    );
+    let frames = capture.finish();
+    assert!(ok, "1 MiB echo through the mesh failed: {err} {report}");
+    assert_eq!(report["received"], 1 << 20);
+    assert_eq!(report["sent_sha256"], report["received_sha256"]);
+    assert_eq!(
+        report["peer"],
+        format!("{}:8080", api.ip),
+        "getpeername must show the dialled peer"
+    );
+
+    let accepted = server.accepted(Duration::from_millis(500));
+    assert!(
+        accepted
+            .iter()
+            .any(|l| l.starts_with(&format!("ACCEPT {}:", web.ip))),
+        "api's server must see web's pod IP as source, saw {accepted:?}"
+    );
+
+    let all: Vec<u8> = frames.concat();
+    assert!(!frames.is_empty(), "the capture saw no frames on {link}");
+    assert!(
+        !contains(&all, marker.as_bytes()),
+        "plaintext marker crossed the node link"
+    );
+    // TLS 1.3 application-data records: content type 23, legacy version 3.3.
+    assert!(
+        contains(&all, &[0x17, 0x03, 0x03]),
+        "no TLS records on the node link"
+    );
+    assert!(
+        contains(&all, &15008u16.to_be_bytes()),
+        "no traffic to port 15008 on the node link"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = lab.agent_log("node-2");
+        if log.contains("accepted mTLS tunnel connection") && log.contains(&web.identity) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api's agent never logged web's SPIFFE ID:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.down();
+    assert!(lab::leftovers().is_empty(), "{:?}", lab::leftovers());
+}
+
+#[test]
+fn pods_outside_the_mesh_talk_directly_and_the_capture_would_see_plaintext() {
+    let lab = up(&mesh_pods());
+    let legacy = lab.topology.pod("legacy").expect("legacy").clone();
+    let ext = lab.topology.pod("ext").expect("ext").clone();
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let server = Server::start(&lab, "ext", 9090);
+    let marker = "UNMESHED-PLAINTEXT-MARKER-91c2";
+    let capture = Capture::start(&node1.netns, &lab.topology.node_link[0]);
+    let (ok, report, err) = send(
+        &lab,
+        "legacy",
+        &format!("{}:9090", ext.ip),
+        4096,
+        None,
+        Some(marker),
+    );
+    let frames = capture.finish();
+    assert!(ok, "direct connection failed: {err} {report}");
+    // Uncaptured: the client's own socket talked to the server (no 127.0.0.1 redirect).
+    assert_eq!(
+        report["local"]
+            .as_str()
+            .map(|l| l.starts_with(&legacy.ip.to_string())),
+        Some(true),
+        "{report}"
+    );
+    assert!(server
+        .accepted(Duration::from_millis(300))
+        .iter()
+        .any(|l| l.starts_with(&format!("ACCEPT {}:", legacy.ip))));
+    // The same capture that proves the mesh hides the marker does see it here.
+    assert!(
+        contains(&frames.concat(), marker.as_bytes()),
+        "capture must see unmeshed plaintext"
+    );
+    assert!(
+        !lab.agent_log("node-1").contains(&ext.ip.to_string()),
+        "node-1's agent must not see this connection"
+    );
+}
+
+#[test]
+fn unknown_destinations_are_refused_and_agent_marked_sockets_are_never_redirected() {
+    let mut pods = mesh_pods();
+    // Enrolled on node-2 but unknown to the control plane.
+    let mut ghost = PodSpec::new("ghost", "node-2", "ghost");
+    ghost.registered = false;
+    pods.push(ghost);
+    let lab = up(&pods);
+    let ext = lab.topology.pod("ext").expect("ext").clone();
+    let ghost = lab.topology.pod("ghost").expect("ghost").clone();
+    let ext_server = Server::start(&lab, "ext", 9090);
+    let ghost_server = Server::start(&lab, "ghost", 8080);
+
+    // From a mesh pod to an address that is no workload: refused (fail closed).
+    let (ok, report, _) = send(&lab, "web", &format!("{}:9090", ext.ip), 1024, None, None);
+    assert!(!ok, "an unknown destination must be refused, got {report}");
+    let (ok, report, _) = send(&lab, "web", &format!("{}:8080", ghost.ip), 1024, None, None);
+    assert!(
+        !ok,
+        "a pod unknown to the control plane must not be reached, got {report}"
+    );
+    assert!(
+        ghost_server.accepted(Duration::from_millis(300)).is_empty(),
+        "ghost got plaintext"
+    );
+    assert!(
+        ext_server.accepted(Duration::from_millis(300)).is_empty(),
+        "ext got plaintext"
+    );
+    assert!(lab
+        .agent_log("node-1")
+        .contains("destination is not a known workload"));
+
+    // A socket carrying the agent's mark, from the same pod and cgroup, is left alone: it
+    // reaches the destination directly. If the redirect ignored the mark, the agent would
+    // refuse it exactly like above.
+    let (ok, report, err) = send(
+        &lab,
+        "web",
+        &format!("{}:9090", ext.ip),
+        1024,
+        Some(AGENT_MARK),
+        None,
+    );
+    assert!(ok, "agent-marked socket was redirected: {err} {report}");
+    assert!(!ext_server.accepted(Duration::from_millis(300)).is_empty());
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let lab = up(&mesh_pods());
+    let api = lab.topology.pod("api").expect("api").clone();
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let _server = Server::start(&lab, "api", 8080);
+
+    // A pod whose netns does not exist.
+    let err = lab
+        .add_pod(
+            &node1.agent_socket,
+            AddPodRequest {
+                uid: "uid-missing".into(),
+                netns_path: "/run/netns/ml-does-not-exist".into(),
+            },
+        )
+        .expect_err("a missing netns must be refused");
+    assert!(
+        err.to_string().contains("cannot open network namespace"),
+        "{err}"
+    );
+    assert!(lab
+        .agent_log("node-1")
+        .contains("/run/netns/ml-does-not-exist"));
+
+    // A workload update with an invalid IP: NACKed, the last good state stays.
+    let mut workloads = lab.topology.workloads_json();
+    workloads["workloads"][1]["ips"] = serde_json::json!(["10.244.2.300"]);
+    lab.write_workloads(&workloads).expect("write registry");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = lab.agent_log("node-1");
+        if log.contains("refused control-plane update (NACK)") && log.contains("10.244.2.300") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no NACK logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, report, err) = send(&lab, "web", &format!("{}:8080", api.ip), 65536, None, None);
+    assert!(
+        ok,
+        "traffic must keep flowing on the last good state: {err} {report}"
+    );
+}
+
+#[test]
+fn lab_down_and_crash_cleanup_leave_nothing_behind() {
+    let lab = up(&[
+        PodSpec::new("web", "node-1", "frontend"),
+        PodSpec::new("api", "node-2", "backend"),
+    ]);
+    assert!(!lab::leftovers().is_empty());
+    // A crash: processes and kernel objects left as they are.
+    let _topology = lab.detach();
+    meshlet_lab::cleanup();
+    assert!(
+        lab::leftovers().is_empty(),
+        "after cleanup: {:?}",
+        lab::leftovers()
+    );
+    // And the ordinary way.
+    let lab = up(&[PodSpec::new("web", "node-1", "frontend")]);
+    lab.down();
+    assert!(
+        lab::leftovers().is_empty(),
+        "after down: {:?}",
+        lab::leftovers()
+    );
+}
