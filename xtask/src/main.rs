@@ -200,19 +200,71 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new("cargo").current_dir(root()).args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "meshlet-lab",
-    ]))?;
+    let mut totals = (0u64, 0u64);
+    let unit = cargo_test(
+        Command::new("cargo").current_dir(root()).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "meshlet-lab",
+        ]),
+        &mut totals,
+    );
     // The lab tests share machine-wide names: one at a time.
-    run(Command::new("cargo")
-        .current_dir(root())
-        .args(["test", "-p", "meshlet-lab", "--", "--test-threads=1"])
-        .env("MESHLET_BIN_DIR", &bin_dir))?;
-    if !lab::leftovers().is_empty() {
-        bail!("the tests left lab pieces behind: {:?}", lab::leftovers());
+    let lab_tests = cargo_test(
+        Command::new("cargo")
+            .current_dir(root())
+            .args([
+                "test",
+                "-p",
+                "meshlet-lab",
+                "--tests",
+                "--",
+                "--test-threads=1",
+            ])
+            .env("MESHLET_BIN_DIR", &bin_dir),
+        &mut totals,
+    );
+    let leftovers = lab::leftovers();
+    println!("{} passed, {} failed", totals.0, totals.1);
+    unit?;
+    lab_tests?;
+    if !leftovers.is_empty() {
+        bail!("the tests left lab pieces behind: {leftovers:?}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output and adding its counts to `totals`.
+fn cargo_test(cmd: &mut Command, totals: &mut (u64, u64)) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 5 passed; 0 failed; ..." or "FAILED. 4 passed; 1 failed; ..."
+            let rest = rest.split_once(". ").map(|(_, r)| r).unwrap_or(rest);
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => totals.0 += n,
+                        "failed" => totals.1 += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
     }
     Ok(())
 }

@@ -214,7 +214,19 @@ mod tests {
         b.poison();
         drop(b);
         drop(c);
-        let _f = pool.checkout(&k, dial).await.expect("f");
-        assert_eq!(pool.connection_count(), 3);
+        let f = pool.checkout(&k, dial).await.expect("f");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            3,
+            "the healthy connection is reused"
+        );
+        assert_eq!(pool.connection_count(), 2, "the poisoned one is gone");
+        f.poison();
+        let _g = pool.checkout(&k, dial).await.expect("g");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            4,
+            "no healthy connection left: dial anew"
+        );
     }
 }
