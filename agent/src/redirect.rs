@@ -37,6 +37,10 @@ pub enum RedirectError {
     },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF program {0} was not attached as a bpf_link (kernel older than 5.7?)")]
+    NotFdLink(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -95,46 +99,34 @@ impl Redirect {
         let mode = CgroupAttachMode::Single;
         let mut links: Vec<(&'static str, FdLink)> = Vec::new();
         for &name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(RedirectError::MissingMap(name))?
-                .try_into()
-                .map_err(|source| RedirectError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| RedirectError::Program { name, source })?;
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             let id = program
-                .attach(&cgroup_file, mode)
+                .load()
+                .and_then(|()| program.attach(&cgroup_file, mode))
                 .map_err(|source| RedirectError::Program { name, source })?;
             let link = program
                 .take_link(id)
                 .map_err(|source| RedirectError::Program { name, source })?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|_| RedirectError::MissingMap("cgroup link (not an fd link)"))?;
-            links.push((name, link));
+            links.push((
+                name,
+                link.try_into()
+                    .map_err(|_| RedirectError::NotFdLink(name))?,
+            ));
         }
-        {
-            let name = "sock_ops";
-            let program: &mut SockOps = ebpf
-                .program_mut(name)
-                .ok_or(RedirectError::MissingMap(name))?
-                .try_into()
-                .map_err(|source| RedirectError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| RedirectError::Program { name, source })?;
-            let id = program
-                .attach(&cgroup_file, mode)
-                .map_err(|source| RedirectError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| RedirectError::Program { name, source })?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|_| RedirectError::MissingMap("sock_ops link (not an fd link)"))?;
-            links.push((name, link));
-        }
+        let name = "sock_ops";
+        let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+        let id = program
+            .load()
+            .and_then(|()| program.attach(&cgroup_file, mode))
+            .map_err(|source| RedirectError::Program { name, source })?;
+        let link = program
+            .take_link(id)
+            .map_err(|source| RedirectError::Program { name, source })?;
+        links.push((
+            name,
+            link.try_into()
+                .map_err(|_| RedirectError::NotFdLink(name))?,
+        ));
         // Pinned links outlive the agent: while it is gone, enrolled pods' connects still go
         // to 127.0.0.1:15001, where nothing listens, so they are refused rather than leaving in
         // plaintext. A new agent replaces the old pins (the new links are attached first, so
@@ -219,6 +211,17 @@ impl Redirect {
             peername_rewritten: sum(stats::PEERNAME_REWRITTEN),
         }
     }
+}
+
+/// The program `name` of the object, as program type `P`.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, RedirectError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(RedirectError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| RedirectError::Program { name, source })
 }
 
 /// Forwards the programs' aya-log records into `log` (bridged to tracing). The logger must
