@@ -409,6 +409,21 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills the agent of `node` with SIGKILL (a crash), and waits for it to be gone.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let index = self
+            .topology
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .context("no such node")?;
+        // children[0] is the control plane, then one agent per node in node order.
+        let child = self.children.get_mut(index + 1).context("agent process")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Everything an agent logged so far.
     pub fn agent_log(&self, node: &str) -> String {
         self.topology

@@ -405,6 +405,47 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
 }
 
 #[test]
+fn with_the_agent_gone_enrolled_pods_fail_closed() {
+    let mut lab = up(&mesh_pods());
+    let api = lab.topology.pod("api").expect("api").clone();
+    let ext = lab.topology.pod("ext").expect("ext").clone();
+    let server = Server::start(&lab, "api", 8080);
+    let ext_server = Server::start(&lab, "ext", 9090);
+    let (ok, report, err) = send(&lab, "web", &format!("{}:8080", api.ip), 1024, None, None);
+    assert!(ok, "mesh path must work before the crash: {err} {report}");
+    server.accepted(Duration::from_millis(300));
+
+    lab.kill_agent("node-1").expect("kill agent");
+    // The pinned programs still redirect web's connects, to a port nobody listens on now:
+    // refused, and neither server ever sees a plaintext connection.
+    for to in [format!("{}:8080", api.ip), format!("{}:9090", ext.ip)] {
+        let (ok, report, _) = send(&lab, "web", &to, 1024, None, None);
+        assert!(
+            !ok,
+            "with the agent gone, {to} must be refused, got {report}"
+        );
+    }
+    assert!(
+        server.accepted(Duration::from_millis(300)).is_empty(),
+        "api got a connection"
+    );
+    assert!(
+        ext_server.accepted(Duration::from_millis(300)).is_empty(),
+        "ext got plaintext"
+    );
+    // A pod outside the mesh on the same node is unaffected.
+    let (ok, report, err) = send(
+        &lab,
+        "legacy",
+        &format!("{}:9090", ext.ip),
+        1024,
+        None,
+        None,
+    );
+    assert!(ok, "unenrolled pods keep working: {err} {report}");
+}
+
+#[test]
 fn lab_down_and_crash_cleanup_leave_nothing_behind() {
     let lab = up(&[
         PodSpec::new("web", "node-1", "frontend"),
