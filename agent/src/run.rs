@@ -45,6 +45,7 @@ pub struct AgentConfig {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let redirect = Arc::new(
         Redirect::attach(&config.pod_cgroup, &config.bpf_pin_dir)
             .context("attaching the eBPF redirect")?,
@@ -97,6 +98,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     serve.await.context("node API server")?;
     tracing::info!("meshlet agent stopping");
     Ok(())
+}
+
+/// Every proxied connection costs the agent a socket or two: use the whole hard limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -424,6 +424,12 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of `node`'s agent.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        let index = self.topology.nodes.iter().position(|n| n.name == node)?;
+        self.children.get(index + 1).map(Child::id)
+    }
+
     /// Everything an agent logged so far.
     pub fn agent_log(&self, node: &str) -> String {
         self.topology

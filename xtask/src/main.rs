@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -32,6 +33,12 @@ enum Cmd {
     Test,
     /// The real thing on one machine: two nodes, two pods, one mTLS connection, explained.
     Demo,
+    /// meshlet against plain TCP in the lab: throughput, latency, redis, new connections, memory.
+    Bench {
+        /// A short smoke run (no figure means anything).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Bring the lab up or down, look at it, run commands in it.
     Lab {
         #[command(subcommand)]
@@ -55,7 +62,7 @@ enum LabCmd {
     Down,
 }
 
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -225,10 +232,20 @@ fn test() -> anyhow::Result<()> {
             .env("MESHLET_BIN_DIR", &bin_dir),
         &mut totals,
     );
+    // The bench, briefly: every tool on both paths must run (no figure is asserted).
+    let bench_smoke = bench::run(&bin_dir, bench::Plan::quick());
+    match &bench_smoke {
+        Ok(()) => totals.0 += 1,
+        Err(e) => {
+            eprintln!("xtask: bench smoke run failed: {e:#}");
+            totals.1 += 1;
+        }
+    }
     let leftovers = lab::leftovers();
     println!("{} passed, {} failed", totals.0, totals.1);
     unit?;
     lab_tests?;
+    bench_smoke?;
     if !leftovers.is_empty() {
         bail!("the tests left lab pieces behind: {leftovers:?}");
     }
@@ -347,5 +364,15 @@ fn main() -> anyhow::Result<()> {
             demo::run(&bin_dir, Duration::from_secs(60))
         }
         Cmd::Lab { action } => lab_cmd(action),
+        Cmd::Bench { quick } => {
+            setup()?;
+            if quick {
+                let bin_dir = build(false)?;
+                bench::run(&bin_dir, bench::Plan::quick())
+            } else {
+                let bin_dir = build(true)?;
+                bench::run(&bin_dir, bench::Plan::full())
+            }
+        }
     }
 }

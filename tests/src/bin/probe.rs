@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 fn usage() -> ! {
     eprintln!(
         "usage:\n  meshlet-lab-probe serve PORT [MAX_CONNECTIONS] [TIMEOUT_SECS]\n  \
-         meshlet-lab-probe send IP:PORT BYTES [SO_MARK]"
+         meshlet-lab-probe send IP:PORT BYTES [SO_MARK]\n  \
+         meshlet-lab-probe hold-server PORT MAX TIMEOUT_SECS\n  \
+         meshlet-lab-probe hold IP:PORT COUNT SECS"
     );
     std::process::exit(2)
 }
@@ -22,6 +24,8 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("send") => send(&args[1..]),
+        Some("hold-server") => hold_server(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -145,6 +149,74 @@ fn send(args: &[String]) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::other("echo did not match what was sent"))
     }
+}
+
+/// Raises the open-files limit to the hard limit (holding many connections needs it).
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Accepts up to MAX connections and keeps them open, idle, until TIMEOUT.
+fn hold_server(args: &[String]) -> std::io::Result<()> {
+    raise_nofile();
+    let port: u16 = args
+        .first()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| usage());
+    let max: usize = args
+        .get(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| usage());
+    let timeout = Duration::from_secs(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(300));
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    println!("LISTENING {port}");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + timeout;
+    let mut held = Vec::new();
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((stream, _)) if held.len() < max => held.push(stream),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Opens COUNT connections one after another, says `HELD n`, keeps them idle for SECS.
+fn hold(args: &[String]) -> std::io::Result<()> {
+    raise_nofile();
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let count: usize = args
+        .get(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| usage());
+    let secs: u64 = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(60);
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        held.push(connect(to, None)?);
+    }
+    println!("HELD {}", held.len());
+    std::io::stdout().flush()?;
+    std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {
