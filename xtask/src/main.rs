@@ -49,7 +49,11 @@ enum Cmd {
 #[derive(Subcommand)]
 enum LabCmd {
     /// Build the demo topology and leave it running.
-    Up,
+    Up {
+        /// Use release binaries (for profiling).
+        #[arg(long)]
+        release: bool,
+    },
     /// Print the topology (and where its JSON is).
     Status,
     /// Run a command in a pod's (or node's) netns and cgroup: `lab exec web -- CMD ARGS`.
@@ -296,8 +300,8 @@ pub fn demo_pods() -> Vec<PodSpec> {
 
 fn lab_cmd(action: LabCmd) -> anyhow::Result<()> {
     match action {
-        LabCmd::Up => {
-            let bin_dir = build(false)?;
+        LabCmd::Up { release } => {
+            let bin_dir = build(release)?;
             let lab = Lab::up(&demo_pods(), &LabOptions::new(bin_dir))?;
             let topology = lab.detach();
             print_topology(&topology);
