@@ -21,6 +21,8 @@ pub struct Plan {
     pub redis_requests: u32,
     pub redis_new_connections: u32,
     pub idle_connections: u32,
+    /// Plain and meshlet are measured alternately this many times; the table shows medians.
+    pub rounds: u32,
     pub name: &'static str,
 }
 
@@ -31,6 +33,7 @@ impl Plan {
             redis_requests: 100_000,
             redis_new_connections: 10_000,
             idle_connections: 10_000,
+            rounds: 3,
             name: "bench",
         }
     }
@@ -42,6 +45,7 @@ impl Plan {
             redis_requests: 2_000,
             redis_new_connections: 200,
             idle_connections: 200,
+            rounds: 1,
             name: "bench-quick",
         }
     }
@@ -154,6 +158,16 @@ fn redis(
         .context("redis-benchmark reported no rate")
 }
 
+fn medians(runs: &[[f64; 8]]) -> [f64; 8] {
+    let mut out = [0.0; 8];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let mut column: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+        column.sort_by(f64::total_cmp);
+        *slot = column.get(column.len() / 2).copied().unwrap_or(0.0);
+    }
+    out
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -256,8 +270,13 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         let fresh = redis(&lab, client, target, 4, plan.redis_new_connections, false)?;
         Ok([bulk1, bulk8, p50, p99, r1, r50, fresh, 0.0])
     };
-    let plain = measure("pclient", &pserver_ip)?;
-    let mesh = measure("client", &server_ip)?;
+    // Alternate the paths so that drift on the machine hits both alike; report medians.
+    let (mut plain_runs, mut mesh_runs) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds.max(1) {
+        plain_runs.push(measure("pclient", &pserver_ip)?);
+        mesh_runs.push(measure("client", &server_ip)?);
+    }
+    let (plain, mesh) = (medians(&plain_runs), medians(&mesh_runs));
     let names: [(&str, &str, bool, &str); 7] = [
         ("throughput, 1 stream", "Gbit/s", true, "≥ 45 % of plain"),
         ("throughput, 8 streams", "Gbit/s", true, "≥ 45 % of plain"),
@@ -366,7 +385,8 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         }));
     }
     println!(
-        "(idle connections: {}, opened in {:?}; each path measured after a warm-up)",
+        "(medians of {} alternating rounds, after a warm-up; idle connections: {}, opened in {:?})",
+        plan.rounds,
         plan.idle_connections,
         started.elapsed()
     );

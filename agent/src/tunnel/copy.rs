@@ -27,15 +27,15 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// Copies until both directions have finished; the first error ends both.
-pub async fn copy_bidirectional<T>(
-    tcp: T,
+///
+/// Takes a `TcpStream` (not any stream) for its lock-free `into_split`: `tokio::io::split`
+/// puts both halves behind one lock, which the two directions then fight over.
+pub async fn copy_bidirectional(
+    tcp: tokio::net::TcpStream,
     mut send: h2::SendStream<Bytes>,
     mut recv: h2::RecvStream,
-) -> io::Result<Transferred>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut rd, mut wr) = tokio::io::split(tcp);
+) -> io::Result<Transferred> {
+    let (mut rd, mut wr) = tcp.into_split();
     let up = async {
         let n = tcp_to_stream(&mut rd, &mut send).await;
         if n.is_err() {
