@@ -42,12 +42,7 @@ async fn handle_connection(
             outcome = "refused", reason = "the control plane has not described this pod yet");
         return;
     };
-    let config = match tls::server_config(
-        agent.provider.clone(),
-        agent.bundle.clone(),
-        agent.identities.clone(),
-        local.identity.clone(),
-    ) {
+    let config = match pod.server_tls(&agent, &local.identity) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(pod = %pod.uid, "no TLS server config: {e}");

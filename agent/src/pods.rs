@@ -48,6 +48,34 @@ pub struct PodHandle {
     pub uid: String,
     pub netns: Netns,
     pub netns_cookie: u64,
+    /// The tunnel server's TLS config for the pod's identity, built on first use. It reads
+    /// the current certificate and trust bundle at every handshake, so it only has to change
+    /// when the pod's identity does.
+    server_tls: Mutex<Option<(SpiffeId, Arc<rustls::ServerConfig>)>>,
+}
+
+impl PodHandle {
+    /// The TLS server config for `identity`, reused across connections.
+    pub fn server_tls(
+        &self,
+        agent: &NodeAgent,
+        identity: &SpiffeId,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let mut cached = self.server_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, config)) = cached.as_ref() {
+            if id == identity {
+                return Ok(config.clone());
+            }
+        }
+        let config = crate::tls::server_config(
+            agent.provider.clone(),
+            agent.bundle.clone(),
+            agent.identities.clone(),
+            identity.clone(),
+        )?;
+        *cached = Some((identity.clone(), config.clone()));
+        Ok(config)
+    }
 }
 
 struct Pod {
@@ -140,6 +168,7 @@ impl PodRegistry {
             uid: uid.to_string(),
             netns,
             netns_cookie: sockets.cookie,
+            server_tls: Mutex::new(None),
         });
         let mut tasks = Vec::new();
         for socket in sockets.outbound {
