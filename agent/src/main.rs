@@ -1,6 +1,7 @@
 //! `meshlet`: the node agent and its command line.
 use clap::{Parser, Subcommand};
-use meshlet_agent::{channel, run};
+use meshlet_agent::run;
+use meshlet_proto::channel;
 use meshlet_proto::v1::{node_service_client::NodeServiceClient, ListPodsRequest};
 
 #[derive(Parser)]

@@ -4,8 +4,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use meshlet_proto::v1::node_service_server::NodeServiceServer;
 
+use meshlet_proto::channel;
+
 use crate::{
-    channel, discovery,
+    discovery,
     identity::{GrpcCaClient, IdentityStore},
     node::{NodeAgent, UnknownDestination},
     node_api::NodeApi,

@@ -1,6 +1,8 @@
 //! meshlet's gRPC APIs, generated from `proto/meshlet.proto` by tonic.
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
+pub mod channel;
+
 /// Version 1 of the API: certificates, discovery, and the node-local pod API.
 pub mod v1 {
     tonic::include_proto!("meshlet.v1");

@@ -332,7 +332,9 @@ impl Lab {
     pub fn add_pod(&self, agent_socket: &str, request: AddPodRequest) -> anyhow::Result<u64> {
         let socket = agent_socket.to_string();
         self.runtime.block_on(async move {
-            let mut client = NodeServiceClient::new(unix_channel(&socket).await?);
+            let mut client = NodeServiceClient::new(meshlet_proto::channel::connect_lazy(
+                &format!("unix:{socket}"),
+            )?);
             let response = client
                 .add_pod(request)
                 .await
@@ -354,7 +356,9 @@ impl Lab {
             loop {
                 let socket = node.agent_socket.clone();
                 let pods = self.runtime.block_on(async move {
-                    let mut client = NodeServiceClient::new(unix_channel(&socket).await?);
+                    let mut client = NodeServiceClient::new(meshlet_proto::channel::connect_lazy(
+                        &format!("unix:{socket}"),
+                    )?);
                     let pods = client
                         .list_pods(ListPodsRequest {})
                         .await?
@@ -549,20 +553,6 @@ fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-async fn unix_channel(path: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let path = PathBuf::from(path);
-    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?;
-    Ok(channel)
 }
 
 /// Links, addresses and routes for the whole topology.

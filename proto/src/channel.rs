@@ -1,4 +1,4 @@
-//! gRPC channels to the control plane or to an agent's node socket: `unix:/path` or an
+//! gRPC channels to these APIs (the control plane, or an agent's node socket): `unix:/path` or an
 //! `http://host:port` address.
 use std::path::PathBuf;
 
