@@ -8,11 +8,11 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
-use meshlet_common::{stats, ConnectionKey, EnrollmentFlags, OriginalDst};
+use meshlet_common::{ConnectionKey, EnrollmentFlags, OriginalDst};
 
 /// The eBPF object, built by `build.rs` from `ebpf/programs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet-ebpf"));
@@ -58,22 +58,11 @@ pub enum RedirectError {
     },
 }
 
-/// Redirect counters summed over CPUs.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
-pub struct RedirectStats {
-    pub redirected: u64,
-    pub skipped_agent_mark: u64,
-    pub original_dst_recorded: u64,
-    pub refused_no_space: u64,
-    pub peername_rewritten: u64,
-}
-
 /// Loaded and attached programs plus the maps the agent uses.
 pub struct Redirect {
     _ebpf: Ebpf,
     enrolled: Mutex<HashMap<MapData, u64, EnrollmentFlags>>,
     original_dst: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
-    stats: PerCpuArray<MapData, u64>,
 }
 
 impl Redirect {
@@ -97,36 +86,29 @@ impl Redirect {
         // (multi-attach). The kernel refuses the BPF_F_ALLOW_MULTI flag on link creation, so
         // the mode here is aya's "Single" (flags 0), which for links still means "alongside".
         let mode = CgroupAttachMode::Single;
-        let mut links: Vec<(&'static str, FdLink)> = Vec::new();
-        for &name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            let id = program
-                .load()
-                .and_then(|()| program.attach(&cgroup_file, mode))
-                .map_err(|source| RedirectError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| RedirectError::Program { name, source })?;
-            links.push((
-                name,
-                link.try_into()
-                    .map_err(|_| RedirectError::NotFdLink(name))?,
-            ));
+        // CgroupSockAddr and SockOps share these methods but no trait, hence a macro.
+        macro_rules! attach_link {
+            ($kind:ty, $name:expr) => {{
+                let name: &'static str = $name;
+                let program: &mut $kind = program_mut(&mut ebpf, name)?;
+                let id = program
+                    .load()
+                    .and_then(|()| program.attach(&cgroup_file, mode))
+                    .map_err(|source| RedirectError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| RedirectError::Program { name, source })?;
+                let link: FdLink = link
+                    .try_into()
+                    .map_err(|_| RedirectError::NotFdLink(name))?;
+                (name, link)
+            }};
         }
-        let name = "sock_ops";
-        let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-        let id = program
-            .load()
-            .and_then(|()| program.attach(&cgroup_file, mode))
-            .map_err(|source| RedirectError::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| RedirectError::Program { name, source })?;
-        links.push((
-            name,
-            link.try_into()
-                .map_err(|_| RedirectError::NotFdLink(name))?,
-        ));
+        let mut links = Vec::new();
+        for &name in CGROUP_PROGRAMS {
+            links.push(attach_link!(CgroupSockAddr, name));
+        }
+        links.push(attach_link!(SockOps, "sock_ops"));
         // Pinned links outlive the agent: while it is gone, enrolled pods' connects still go
         // to 127.0.0.1:15001, where nothing listens, so they are refused rather than leaving in
         // plaintext. A new agent replaces the old pins (the new links are attached first, so
@@ -137,36 +119,13 @@ impl Redirect {
             link.pin(&path)
                 .map_err(|source| RedirectError::Pin { path, source })?;
         }
-        let enrolled = HashMap::try_from(
-            ebpf.take_map("ENROLLED")
-                .ok_or(RedirectError::MissingMap("ENROLLED"))?,
-        )
-        .map_err(|source| RedirectError::Map {
-            name: "ENROLLED",
-            source,
-        })?;
-        let original_dst = HashMap::try_from(
-            ebpf.take_map("ORIG_DST_BY_CONN")
-                .ok_or(RedirectError::MissingMap("ORIG_DST_BY_CONN"))?,
-        )
-        .map_err(|source| RedirectError::Map {
-            name: "ORIG_DST_BY_CONN",
-            source,
-        })?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map("STATS")
-                .ok_or(RedirectError::MissingMap("STATS"))?,
-        )
-        .map_err(|source| RedirectError::Map {
-            name: "STATS",
-            source,
-        })?;
+        let enrolled = take_map(&mut ebpf, "ENROLLED")?;
+        let original_dst = take_map(&mut ebpf, "ORIG_DST_BY_CONN")?;
         tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
         Ok(Self {
             _ebpf: ebpf,
             enrolled: Mutex::new(enrolled),
             original_dst: Mutex::new(original_dst),
-            stats,
         })
     }
 
@@ -195,22 +154,6 @@ impl Redirect {
         let _ = map.remove(&key);
         Some(original_to_socket_addr(&original))
     }
-
-    pub fn stats(&self) -> RedirectStats {
-        let sum = |index: u32| -> u64 {
-            self.stats
-                .get(&index, 0)
-                .map(|values| values.iter().sum())
-                .unwrap_or(0)
-        };
-        RedirectStats {
-            redirected: sum(stats::REDIRECTED),
-            skipped_agent_mark: sum(stats::SKIPPED_AGENT_MARK),
-            original_dst_recorded: sum(stats::ORIGINAL_DST_RECORDED),
-            refused_no_space: sum(stats::REFUSED_NO_SPACE),
-            peername_rewritten: sum(stats::PEERNAME_REWRITTEN),
-        }
-    }
 }
 
 /// The program `name` of the object, as program type `P`.
@@ -222,6 +165,15 @@ where
         .ok_or(RedirectError::MissingProgram(name))?
         .try_into()
         .map_err(|source| RedirectError::Program { name, source })
+}
+
+/// Takes map `name` out of the object as the typed map `M`.
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, RedirectError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(RedirectError::MissingMap(name))?;
+    M::try_from(map).map_err(|source| RedirectError::Map { name, source })
 }
 
 /// Forwards the programs' aya-log records into `log` (bridged to tracing). The logger must
