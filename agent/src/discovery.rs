@@ -115,12 +115,6 @@ impl Workloads {
         self.snapshot().version
     }
 
-    pub fn all(&self) -> Vec<Arc<WorkloadInfo>> {
-        let mut all: Vec<_> = self.snapshot().by_uid.values().cloned().collect();
-        all.sort_by_key(|w| w.display_name());
-        all
-    }
-
     /// Notified with the version after every accepted update.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()

@@ -111,22 +111,6 @@ impl Netns {
         rx.await
             .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
     }
-
-    /// Like [`Netns::run`], for callers outside an async context.
-    pub fn run_blocking<T, F>(&self, f: F) -> Result<T, NetnsError>
-    where
-        T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
-    {
-        let (tx, rx) = mpsc::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| NetnsError::WorkerGone(self.path.clone()))?;
-        rx.recv()
-            .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
-    }
 }
 
 /// The kernel's cookie for the network namespace a socket lives in (`SO_NETNS_COOKIE`, 5.14);

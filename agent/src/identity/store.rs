@@ -122,40 +122,6 @@ impl IdentityStore {
         }
     }
 
-    /// Waits up to `timeout` for a valid certificate.
-    pub async fn wait_for(
-        &self,
-        identity: &SpiffeId,
-        timeout: Duration,
-    ) -> Result<Arc<WorkloadCertificate>, IdentityError> {
-        let mut rx = {
-            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            entries
-                .get(identity)
-                .ok_or_else(|| IdentityError::Unknown(identity.clone()))?
-                .current
-                .clone()
-        };
-        {
-            let wait =
-                rx.wait_for(|c| c.as_ref().is_some_and(|c| c.is_valid_at(SystemTime::now())));
-            // Timing out is not an error here: `current` says why there is no certificate.
-            let _ = tokio::time::timeout(timeout, wait).await;
-        }
-        self.current(identity)
-    }
-
-    /// Identities held, with their current certificates.
-    pub fn list(&self) -> Vec<(SpiffeId, Option<Arc<WorkloadCertificate>>)> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let mut all: Vec<_> = entries
-            .iter()
-            .map(|(id, e)| (id.clone(), e.current.borrow().clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
-    }
-
     /// Makes a fresh key and CSR, has the CA sign it, and checks the answer.
     async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, IdentityError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| {
@@ -239,7 +205,7 @@ async fn keep_fresh(
         match this.fetch(&identity).await {
             Ok(cert) => {
                 tracing::info!(target: "audit", %identity, serial = %cert.serial,
-                    not_after = %humantime_utc(cert.not_after), "certificate issued to node");
+                    not_after = %unix_seconds(cert.not_after), "certificate issued to node");
                 let lifetime = cert
                     .not_after
                     .duration_since(cert.not_before)
@@ -269,7 +235,7 @@ fn jitter() -> f64 {
     0.9 + rand::random::<f64>() * 0.2
 }
 
-fn humantime_utc(t: SystemTime) -> String {
+fn unix_seconds(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
