@@ -393,16 +393,7 @@ impl Lab {
         name: &str,
         program: impl AsRef<std::ffi::OsStr>,
     ) -> anyhow::Result<Command> {
-        let (netns, cgroup) = if let Some(pod) = self.topology.pod(name) {
-            (pod.netns.clone(), Some(PathBuf::from(&pod.cgroup)))
-        } else if let Some(node) = self.topology.node(name) {
-            (node.netns.clone(), None)
-        } else {
-            bail!("no pod or node named {name} in the lab");
-        };
-        let mut cmd = Command::new(program);
-        enter_on_exec(&mut cmd, &netns, cgroup.as_deref())?;
-        Ok(cmd)
+        command_in(&self.topology, name, program)
     }
 
     /// Replaces the control plane's workload registry (it notices and pushes a new version).
@@ -495,6 +486,24 @@ pub fn running_topology() -> anyhow::Result<Topology> {
     let text = std::fs::read_to_string(state_path("topology.json"))
         .context("no lab is up (run `cargo xtask lab up`)")?;
     Ok(serde_json::from_str(&text)?)
+}
+
+/// A command that runs inside pod `name`'s netns and cgroup, or node `name`'s netns.
+pub fn command_in(
+    topology: &Topology,
+    name: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> anyhow::Result<Command> {
+    let (netns, cgroup) = if let Some(pod) = topology.pod(name) {
+        (pod.netns.clone(), Some(PathBuf::from(&pod.cgroup)))
+    } else if let Some(node) = topology.node(name) {
+        (node.netns.clone(), None)
+    } else {
+        bail!("no pod or node named {name} in the lab");
+    };
+    let mut cmd = Command::new(program);
+    enter_on_exec(&mut cmd, &netns, cgroup.as_deref())?;
+    Ok(cmd)
 }
 
 /// Makes `cmd` enter `netns` (and join `cgroup`) between fork and exec.

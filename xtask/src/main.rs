@@ -314,16 +314,8 @@ fn lab_cmd(action: LabCmd) -> anyhow::Result<()> {
         }
         LabCmd::Exec { pod, command } => {
             let topology = lab::running_topology()?;
-            let (netns, cgroup) = match topology.pod(&pod) {
-                Some(p) => (p.netns.clone(), Some(PathBuf::from(&p.cgroup))),
-                None => match topology.node(&pod) {
-                    Some(n) => (n.netns.clone(), None),
-                    None => bail!("no pod or node {pod} in the lab"),
-                },
-            };
-            let mut cmd = Command::new(&command[0]);
+            let mut cmd = lab::command_in(&topology, &pod, &command[0])?;
             cmd.args(&command[1..]);
-            lab::enter_on_exec(&mut cmd, &netns, cgroup.as_deref())?;
             let status = cmd.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
