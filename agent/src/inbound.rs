@@ -4,7 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use meshlet_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::{
     deliver,
@@ -15,23 +15,8 @@ use crate::{
     tunnel::{copy, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
 };
 
-/// Accepts tunnel connections for one pod until the listener is dropped.
-pub async fn serve(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle_connection(agent.clone(), pod.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.uid, "tunnel accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle_connection(
+/// One tunnel connection from a peer agent: mTLS, then its CONNECT streams.
+pub(crate) async fn handle_connection(
     agent: Arc<NodeAgent>,
     pod: Arc<PodHandle>,
     tcp: TcpStream,

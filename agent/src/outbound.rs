@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use meshlet_common::{AGENT_MARK, TUNNEL_PORT};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::{
     node::{NodeAgent, UnknownDestination},
@@ -12,23 +12,13 @@ use crate::{
     tunnel::{self, copy, PoolKey, TunnelConnector},
 };
 
-/// Accepts redirected connections for one pod until the listener is dropped.
-pub async fn serve(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(agent.clone(), pod.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.uid, "outbound accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(agent: Arc<NodeAgent>, pod: Arc<PodHandle>, app: TcpStream, peer: SocketAddr) {
+/// One redirected connection from an app in the pod.
+pub(crate) async fn handle(
+    agent: Arc<NodeAgent>,
+    pod: Arc<PodHandle>,
+    app: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let Some(original) = agent.redirect.take_original_dst(pod.netns_cookie, peer) else {
         tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid, %peer,

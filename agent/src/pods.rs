@@ -10,7 +10,10 @@ use std::{
 
 use meshlet_common::{AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 
 use crate::{deliver, identity::SpiffeId, inbound, netns::Netns, node::NodeAgent, outbound};
 
@@ -177,10 +180,12 @@ impl PodRegistry {
                 addr,
                 source,
             })?;
-            tasks.push(tokio::spawn(outbound::serve(
+            tasks.push(tokio::spawn(accept_loop(
                 self.agent.clone(),
                 handle.clone(),
                 listener,
+                "outbound",
+                outbound::handle,
             )));
         }
         for socket in sockets.tunnel {
@@ -189,10 +194,12 @@ impl PodRegistry {
                 addr,
                 source,
             })?;
-            tasks.push(tokio::spawn(inbound::serve(
+            tasks.push(tokio::spawn(accept_loop(
                 self.agent.clone(),
                 handle.clone(),
                 listener,
+                "tunnel",
+                inbound::handle_connection,
             )));
         }
         // Enroll last: from here on the pod's connects come to listeners that exist.
@@ -275,6 +282,32 @@ impl PodRegistry {
                 self.agent.identities.acquire(new);
             }
             pod.identity = wanted;
+        }
+    }
+}
+
+/// Accepts connections on one of the pod's listeners until the task is aborted (pod
+/// removed), each handled on its own task.
+async fn accept_loop<F, Fut>(
+    agent: Arc<NodeAgent>,
+    pod: Arc<PodHandle>,
+    listener: TcpListener,
+    which: &'static str,
+    handle: F,
+) where
+    F: Fn(Arc<NodeAgent>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(agent.clone(), pod.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.uid, "{which} accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
 }
