@@ -3,6 +3,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
-    tonic_prost_build::configure().compile_protos(&["proto/meshlet.proto"], &["proto"])?;
+    // The policy messages are also what operators write in the reference control plane's
+    // file, so they read and write as JSON with the proto's own field names.
+    let mut config = tonic_prost_build::configure();
+    for message in [
+        "MeshPolicy",
+        "ModeRule",
+        "AuthorizationPolicy",
+        "Rule",
+        "Source",
+        "Destination",
+    ] {
+        config = config.type_attribute(
+            format!(".meshlet.v1.{message}"),
+            "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default, deny_unknown_fields)]",
+        );
+    }
+    config.compile_protos(&["proto/meshlet.proto"], &["proto"])?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::transport::Channel;
 
-use crate::{identity::SpiffeId, tls::TrustBundle};
+use crate::{identity::SpiffeId, policy::PolicySet, tls::TrustBundle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -44,6 +44,8 @@ pub enum DiscoveryError {
     DuplicateUid(String),
     #[error("trust bundle refused: {0}")]
     TrustBundle(#[from] crate::tls::TlsError),
+    #[error("policy refused: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("version {got} is not newer than the applied version {applied}")]
     OldVersion { got: u64, applied: u64 },
 }
@@ -78,6 +80,7 @@ struct Snapshot {
     version: u64,
     by_uid: HashMap<String, Arc<WorkloadInfo>>,
     by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
+    policy: Arc<PolicySet>,
 }
 
 /// The workloads of the last accepted version.
@@ -109,6 +112,21 @@ impl Workloads {
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<WorkloadInfo>> {
         self.snapshot().by_ip.get(&ip).cloned()
+    }
+
+    /// A workload by `namespace/name`.
+    pub fn by_name(&self, name: &str) -> Option<Arc<WorkloadInfo>> {
+        let (namespace, name) = name.split_once('/')?;
+        self.snapshot()
+            .by_uid
+            .values()
+            .find(|w| w.namespace == namespace && w.name == name)
+            .cloned()
+    }
+
+    /// The mTLS modes and authorization policies of the last accepted version.
+    pub fn policy(&self) -> Arc<PolicySet> {
+        self.snapshot().policy.clone()
     }
 
     pub fn version(&self) -> u64 {
@@ -144,6 +162,11 @@ impl Workloads {
 fn validate(update: &DiscoveryResponse) -> Result<Snapshot, DiscoveryError> {
     let mut snapshot = Snapshot {
         version: update.version,
+        policy: Arc::new(PolicySet::from_proto(
+            update.mesh.as_ref(),
+            &update.modes,
+            &update.policies,
+        )?),
         ..Default::default()
     };
     for w in &update.workloads {
@@ -288,6 +311,7 @@ mod tests {
             workloads,
             trust_roots_pem: vec![],
             trust_domain: "cluster.local".into(),
+            ..Default::default()
         }
     }
 

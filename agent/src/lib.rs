@@ -14,6 +14,7 @@ pub mod node;
 pub mod node_api;
 pub mod outbound;
 pub mod pods;
+pub mod policy;
 pub mod redirect;
 pub mod run;
 pub mod tls;

@@ -7,8 +7,13 @@
 /// The agent's outbound listener inside every enrolled pod's network namespace. `connect()`
 /// calls from the pod are rewritten to `127.0.0.1:OUTBOUND_PORT` (or `[::1]`).
 pub const OUTBOUND_PORT: u16 = 15001;
-/// The agent's plaintext inbound listener (reserved for inbound capture).
+/// The agent's plaintext inbound listener in every enrolled pod's network namespace: the
+/// `sk_lookup` program hands it every TCP connection that arrives from outside the pod for an
+/// app port, so that the agent decides (mTLS mode, authorization) before the app sees a byte.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// The agent's own ports inside a pod: apps may not bind them and inbound capture skips them.
+pub const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT];
 /// The agent's mTLS tunnel (HBONE) listener on the pod's own address.
 pub const TUNNEL_PORT: u16 = 15008;
 
@@ -64,6 +69,10 @@ impl ConnectionKey {
 /// Value in the enrollment map (keyed by netns cookie). Non-zero flags are reserved.
 pub type EnrollmentFlags = u32;
 
+/// Value in the inbound capture map (keyed by a pod address, IPv4-mapped for IPv4): the pod's
+/// inbound TCP goes to the agent. Non-zero flags are reserved.
+pub type CaptureFlags = u32;
+
 /// Indexes of the per-CPU redirect counters in the `STATS` map.
 pub mod stats {
     /// A connect() from an enrolled pod was rewritten to the agent.
@@ -76,8 +85,15 @@ pub mod stats {
     pub const REFUSED_NO_SPACE: u32 = 3;
     /// getpeername() answered with the original destination.
     pub const PEERNAME_REWRITTEN: u32 = 4;
+    /// An inbound connection from outside a pod was handed to the agent (sk_lookup).
+    pub const INBOUND_CAPTURED: u32 = 5;
+    /// An inbound connection to a captured pod found no agent listener and was dropped
+    /// (fail closed: the agent is gone or restarting).
+    pub const INBOUND_DROPPED: u32 = 6;
+    /// A pod's bind() to one of the agent's ports was refused.
+    pub const BIND_REFUSED: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
 }
 
 /// Builds the IPv4-mapped form of an IPv4 address given in network byte order.

@@ -12,6 +12,11 @@
 //! 3. `getpeername4/6`: the app sees the peer it dialled, not the agent.
 //! 4. `sock_ops` at close: both entries go, so the maps do not fill with dead connections
 //!    (they are LRU maps as well, as a bound).
+//!
+//! Inbound, `inbound_capture` (sk_lookup, attached to each enrolled pod's netns) hands every
+//! TCP connection that arrives from outside the pod for an app port to the agent's listener on
+//! 15006 in that netns, so the agent decides (mTLS mode, authorization) before the app sees a
+//! byte. `bind4`/`bind6` keep apps off the agent's ports.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -23,15 +28,15 @@ mod programs {
             BPF_SOCK_OPS_STATE_CB_FLAG,
         },
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-        macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray},
-        programs::{SockAddrContext, SockOpsContext},
+        macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+        programs::{SkLookupContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use aya_log_ebpf::{debug, warn};
     use meshlet_common::{
-        ipv4_mapped, stats, ConnectionKey, EnrollmentFlags, OriginalDst, AGENT_MARK, DELIVER_MARK,
-        OUTBOUND_PORT,
+        ipv4_mapped, stats, CaptureFlags, ConnectionKey, EnrollmentFlags, OriginalDst, AGENT_MARK,
+        AGENT_PORTS, DELIVER_MARK, OUTBOUND_PORT,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -54,6 +59,20 @@ mod programs {
     /// Original destination by connection key, for the agent.
     #[map(name = "ORIG_DST_BY_CONN")]
     static ORIG_DST_BY_CONN: LruHashMap<ConnectionKey, OriginalDst> = LruHashMap::pinned(65_536, 0);
+
+    /// Pod addresses whose inbound TCP the agent takes (IPv4-mapped for IPv4).
+    #[map(name = "INBOUND_CAPTURE")]
+    static INBOUND_CAPTURE: HashMap<[u32; 4], CaptureFlags> = HashMap::pinned(16_384, 0);
+
+    /// The agent's plaintext inbound listener (15006) in the pod netns, by pod address. Not
+    /// pinned: a socket lives only as long as the agent that made it. When the agent is gone
+    /// the entry is gone, and `inbound_capture` drops instead of letting plaintext through.
+    #[map(name = "INBOUND_LISTENERS")]
+    static INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::with_max_entries(16_384, 0);
+
+    /// Source addresses whose connections are never captured (kubelet probes from the node).
+    #[map(name = "CAPTURE_EXEMPT")]
+    static CAPTURE_EXEMPT: HashMap<[u32; 4], u32> = HashMap::pinned(256, 0);
 
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
@@ -286,6 +305,102 @@ mod programs {
             count(stats::PEERNAME_REWRITTEN);
         }
         ALLOW
+    }
+
+    /// sk_lookup verdicts.
+    const SK_PASS: u32 = 1;
+    const SK_DROP: u32 = 0;
+    /// The loopback device is interface 1 in every network namespace.
+    const LOOPBACK_IFINDEX: u32 = 1;
+
+    /// Inbound capture, attached to each enrolled pod's netns: a TCP connection arriving from
+    /// outside the pod (not over `lo`, which carries the agent's own deliveries) for a port that
+    /// is not the agent's goes to the agent's plaintext listener instead of the app.
+    #[sk_lookup]
+    pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
+        // SAFETY: the kernel hands a valid bpf_sk_lookup to sk_lookup programs.
+        let lookup = unsafe { &*ctx.lookup };
+        if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+            return SK_PASS;
+        }
+        let port = lookup.local_port as u16;
+        if AGENT_PORTS.contains(&port) {
+            return SK_PASS;
+        }
+        let (local, remote) = if lookup.family == AF_INET {
+            (
+                ipv4_mapped(lookup.local_ip4),
+                ipv4_mapped(lookup.remote_ip4),
+            )
+        } else {
+            let (l, r) = (lookup.local_ip6.as_ptr(), lookup.remote_ip6.as_ptr());
+            // SAFETY: in-bounds, aligned whole-word reads of the context's address arrays
+            // (the verifier refuses narrower loads there).
+            unsafe {
+                (
+                    [
+                        core::ptr::read_volatile(l),
+                        core::ptr::read_volatile(l.add(1)),
+                        core::ptr::read_volatile(l.add(2)),
+                        core::ptr::read_volatile(l.add(3)),
+                    ],
+                    [
+                        core::ptr::read_volatile(r),
+                        core::ptr::read_volatile(r.add(1)),
+                        core::ptr::read_volatile(r.add(2)),
+                        core::ptr::read_volatile(r.add(3)),
+                    ],
+                )
+            }
+        };
+        // SAFETY: read-only lookups; the values are not kept.
+        if unsafe { INBOUND_CAPTURE.get(&local) }.is_none()
+            || unsafe { CAPTURE_EXEMPT.get(&remote) }.is_some()
+        {
+            return SK_PASS;
+        }
+        match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+            Ok(()) => {
+                count(stats::INBOUND_CAPTURED);
+                SK_PASS
+            }
+            Err(_) => {
+                // Captured pod, no agent listener: refuse rather than reach the app unchecked.
+                count(stats::INBOUND_DROPPED);
+                SK_DROP
+            }
+        }
+    }
+
+    /// Shared part of bind4/bind6: enrolled pods may not bind the agent's ports.
+    #[inline(always)]
+    fn bind_allowed(ctx: &SockAddrContext, port_be: u32) -> i32 {
+        let port = u16::from_be(port_be as u16);
+        if !AGENT_PORTS.contains(&port) {
+            return ALLOW;
+        }
+        // SAFETY: helper call on the program's own context.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: read-only lookup.
+        if unsafe { ENROLLED.get(&netns_cookie) }.is_none() || is_agent_socket(ctx) {
+            return ALLOW;
+        }
+        count(stats::BIND_REFUSED);
+        REFUSE
+    }
+
+    #[cgroup_sock_addr(bind4)]
+    pub fn bind4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: the kernel hands a valid bpf_sock_addr to bind hooks.
+        let port = unsafe { (*ctx.sock_addr).user_port };
+        bind_allowed(&ctx, port)
+    }
+
+    #[cgroup_sock_addr(bind6)]
+    pub fn bind6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: as in bind4.
+        let port = unsafe { (*ctx.sock_addr).user_port };
+        bind_allowed(&ctx, port)
     }
 
     #[unsafe(link_section = "license")]
