@@ -29,15 +29,30 @@ pub enum DeliverError {
     Routing { netns: String, reason: String },
 }
 
-/// Connects to `dst` inside the pod, with `src` (the remote client's address) as source.
+/// Connects to `dst` inside the pod, with `src` (the remote client's address) as source and
+/// any local port but `avoid_port`.
 pub async fn connect_to_app(
     netns: &Netns,
     src: IpAddr,
     dst: SocketAddr,
+    avoid_port: Option<u16>,
 ) -> Result<TcpStream, DeliverError> {
     let name = netns.path().display().to_string();
     let socket = netns
-        .run(move || transparent_socket(src, dst))
+        .run(move || {
+            // The kernel picks the port at bind(); on the rare pick of the avoided one, again.
+            for _ in 0..8 {
+                let socket = transparent_socket(src, dst)?;
+                let port = socket.local_addr()?.as_socket().map(|a| a.port());
+                if avoid_port.is_none() || port != avoid_port {
+                    return Ok(socket);
+                }
+            }
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "no free source port for delivery",
+            ))
+        })
         .await?
         .map_err(|source| DeliverError::Socket {
             netns: name,

@@ -38,7 +38,14 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
-    _file: File,
+    file: File,
+}
+
+impl std::os::fd::AsFd for Netns {
+    /// The namespace itself, e.g. to attach a BPF program to it.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl Netns {
@@ -82,7 +89,7 @@ impl Netns {
             Ok(Ok(())) => Ok(Self {
                 path: path.to_path_buf(),
                 jobs,
-                _file: file,
+                file,
             }),
             Ok(Err(source)) => Err(NetnsError::NotANetns {
                 path: path.to_path_buf(),

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 
 use crate::{
-    discovery::Workloads, identity::IdentityStore, redirect::Redirect, tls::TrustBundle,
-    tunnel::Pool,
+    connections::LiveConnections, discovery::Workloads, identity::IdentityStore,
+    redirect::Redirect, tls::TrustBundle, tunnel::Pool,
 };
 
 /// What to do with a connection to an address that is no known workload.
@@ -27,4 +27,6 @@ pub struct NodeAgent {
     pub provider: Arc<CryptoProvider>,
     pub pool: Pool,
     pub unknown_destination: UnknownDestination,
+    /// Live inbound connections, re-checked when the policy changes.
+    pub connections: Arc<LiveConnections>,
 }

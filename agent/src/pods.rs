@@ -2,13 +2,13 @@
 //! inside it, its enrollment in the redirect map, and its identity.
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
-use meshlet_common::{AGENT_MARK, OUTBOUND_PORT, TUNNEL_PORT};
+use meshlet_common::{AGENT_MARK, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -39,6 +39,11 @@ pub enum PodError {
         uid: String,
         source: deliver::DeliverError,
     },
+    #[error("pod {uid}: cannot set up inbound capture: {source}")]
+    Capture {
+        uid: String,
+        source: crate::redirect::RedirectError,
+    },
     #[error("pod {uid}: cannot enroll in the redirect map: {source}")]
     Enroll {
         uid: String,
@@ -51,6 +56,8 @@ pub struct PodHandle {
     pub uid: String,
     pub netns: Netns,
     pub netns_cookie: u64,
+    /// The addresses on the pod's interfaces when it was enrolled.
+    pub addresses: Vec<IpAddr>,
     /// The tunnel server's TLS config for the pod's identity, built on first use. It reads
     /// the current certificate and trust bundle at every handshake, so it only has to change
     /// when the pod's identity does.
@@ -85,6 +92,9 @@ struct Pod {
     handle: Arc<PodHandle>,
     tasks: Vec<JoinHandle<()>>,
     identity: Option<SpiffeId>,
+    /// Inbound capture as last set, and the workload-wide mode it follows from.
+    captured: bool,
+    mode: Option<String>,
 }
 
 /// A pod as listed by the node API.
@@ -108,7 +118,9 @@ pub struct PodRegistry {
 struct PodSockets {
     outbound: Vec<Socket>,
     tunnel: Vec<Socket>,
+    plaintext: Vec<Socket>,
     cookie: u64,
+    addresses: Vec<IpAddr>,
 }
 
 impl PodRegistry {
@@ -125,7 +137,8 @@ impl PodRegistry {
                 let Some(registry) = weak.upgrade() else {
                     return;
                 };
-                registry.reconcile_identities();
+                registry.reconcile();
+                crate::inbound::reevaluate(&registry.agent);
             }
         });
         registry
@@ -167,13 +180,35 @@ impl PodRegistry {
                 uid: uid.to_string(),
                 source,
             })?;
+        // Inbound capture before anything else can reach the pod's apps through the agent:
+        // until the control plane says otherwise, the mesh default (STRICT) holds.
+        self.capture_inbound(uid, &netns, &sockets)
+            .map_err(|source| PodError::Capture {
+                uid: uid.to_string(),
+                source,
+            })?;
         let handle = Arc::new(PodHandle {
             uid: uid.to_string(),
             netns,
             netns_cookie: sockets.cookie,
+            addresses: sockets.addresses.clone(),
             server_tls: Mutex::new(None),
         });
         let mut tasks = Vec::new();
+        for socket in sockets.plaintext {
+            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
+                uid: uid.to_string(),
+                addr,
+                source,
+            })?;
+            tasks.push(tokio::spawn(accept_loop(
+                self.agent.clone(),
+                handle.clone(),
+                listener,
+                "plaintext",
+                inbound::plaintext::handle,
+            )));
+        }
         for socket in sockets.outbound {
             let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
                 uid: uid.to_string(),
@@ -199,12 +234,13 @@ impl PodRegistry {
                 handle.clone(),
                 listener,
                 "tunnel",
-                inbound::handle_connection,
+                inbound::tunnel::handle_connection,
             )));
         }
         // Enroll last: from here on the pod's connects come to listeners that exist.
         if let Err(source) = self.agent.redirect.enroll(sockets.cookie) {
             tasks.iter().for_each(JoinHandle::abort);
+            self.release_capture(&handle, &[]);
             return Err(PodError::Enroll {
                 uid: uid.to_string(),
                 source,
@@ -217,9 +253,11 @@ impl PodRegistry {
                 handle,
                 tasks,
                 identity: None,
+                captured: true,
+                mode: None,
             },
         );
-        self.reconcile_identities();
+        self.reconcile();
         Ok(sockets.cookie)
     }
 
@@ -232,6 +270,13 @@ impl PodRegistry {
             .remove(uid);
         let Some(pod) = pod else { return false };
         self.agent.redirect.unenroll(pod.handle.netns_cookie);
+        let described = self
+            .agent
+            .workloads
+            .by_uid(uid)
+            .map(|w| w.ips.clone())
+            .unwrap_or_default();
+        self.release_capture(&pod.handle, &described);
         pod.tasks.iter().for_each(JoinHandle::abort);
         if let Some(identity) = &pod.identity {
             self.agent.identities.release(identity);
@@ -262,15 +307,81 @@ impl PodRegistry {
         list
     }
 
-    /// Holds exactly the identities of the pods present, as the workloads now say.
-    fn reconcile_identities(&self) {
+    /// Points the kernel's inbound capture for the pod's addresses at its plaintext listeners.
+    fn capture_inbound(
+        &self,
+        uid: &str,
+        netns: &Netns,
+        sockets: &PodSockets,
+    ) -> Result<(), crate::redirect::RedirectError> {
+        let redirect = &self.agent.redirect;
+        redirect.attach_capture(netns, sockets.cookie)?;
+        for ip in &sockets.addresses {
+            let listener = sockets.plaintext.iter().find(|s| {
+                s.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some_and(|a| a.is_ipv4() == ip.is_ipv4())
+            });
+            match listener {
+                Some(listener) => redirect.set_capture_listener(*ip, listener)?,
+                // Captured with no listener: the program drops (fail closed).
+                None => {
+                    tracing::warn!(pod = %uid, %ip, "no plaintext listener of this family; inbound connections to it are dropped")
+                }
+            }
+            redirect.set_captured(*ip, true)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::capture_inbound`] for a pod that leaves.
+    fn release_capture(&self, pod: &PodHandle, described: &[IpAddr]) {
+        let redirect = &self.agent.redirect;
+        redirect.detach_capture(pod.netns_cookie);
+        for ip in pod.addresses.iter().chain(described) {
+            if let Err(e) = redirect.set_captured(*ip, false) {
+                tracing::warn!(pod = %pod.uid, %ip, "cannot clear inbound capture: {e}");
+            }
+        }
+    }
+
+    /// Makes the pods follow what the control plane now says: each holds its workload's
+    /// identity, and its inbound capture follows its mTLS mode.
+    fn reconcile(&self) {
+        let policy = self.agent.workloads.policy();
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
         for pod in pods.values_mut() {
-            let wanted = self
-                .agent
-                .workloads
-                .by_uid(&pod.handle.uid)
-                .map(|w| w.identity.clone());
+            let workload = self.agent.workloads.by_uid(&pod.handle.uid);
+            if let Some(w) = &workload {
+                let mode = policy.mode_for(w, 0);
+                let summary = format!("{} ({})", mode.mode, mode.source);
+                if pod.mode.as_ref() != Some(&summary) {
+                    tracing::info!(target: "audit", event = "mode_changed", pod = %pod.handle.uid,
+                        workload = %w.display_name(), mode = %mode.mode, mode_source = %mode.source,
+                        previous = %pod.mode.as_deref().unwrap_or("none"), "workload mTLS mode");
+                    pod.mode = Some(summary);
+                }
+                let captured = policy.needs_capture(w);
+                if captured != pod.captured {
+                    let ips: Vec<IpAddr> =
+                        pod.handle.addresses.iter().chain(&w.ips).copied().collect();
+                    let result = ips
+                        .iter()
+                        .try_for_each(|ip| self.agent.redirect.set_captured(*ip, captured));
+                    match result {
+                        Ok(()) => {
+                            tracing::info!(target: "audit", event = "capture_changed",
+                                pod = %pod.handle.uid, workload = %w.display_name(), captured,
+                                "inbound capture");
+                            pod.captured = captured;
+                        }
+                        Err(e) => tracing::error!(pod = %pod.handle.uid,
+                            "cannot change inbound capture to {captured}: {e}"),
+                    }
+                }
+            }
+            let wanted = workload.map(|w| w.identity.clone());
             if wanted == pod.identity {
                 continue;
             }
@@ -332,8 +443,11 @@ fn open_listeners() -> Result<PodSockets, (SocketAddr, std::io::Error)> {
     let outbound4 = listener_socket(out4).map_err(|e| (out4, e))?;
     let cookie = crate::netns::socket_netns_cookie(outbound4.as_fd()).map_err(|e| (out4, e))?;
     let tunnel4 = listener_socket(tun4).map_err(|e| (tun4, e))?;
+    let plain4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT));
+    let plaintext4 = listener_socket(plain4).map_err(|e| (plain4, e))?;
     let mut outbound = vec![outbound4];
     let mut tunnel = vec![tunnel4];
+    let mut plaintext = vec![plaintext4];
     // IPv6 when the pod has it; an IPv4-only pod is fine.
     let out6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
     let tun6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, TUNNEL_PORT));
@@ -343,11 +457,41 @@ fn open_listeners() -> Result<PodSockets, (SocketAddr, std::io::Error)> {
     if let Ok(s) = listener_socket(tun6) {
         tunnel.push(s);
     }
+    let plain6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PLAINTEXT_PORT));
+    if let Ok(s) = listener_socket(plain6) {
+        plaintext.push(s);
+    }
     Ok(PodSockets {
         outbound,
         tunnel,
+        plaintext,
         cookie,
+        addresses: pod_addresses(),
     })
+}
+
+/// The pod's own addresses (runs inside its netns): everything but loopback and IPv6
+/// link-local.
+fn pod_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<IpAddr> = addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback(),
+            IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn into_listener(socket: Socket) -> Result<TcpListener, (SocketAddr, std::io::Error)> {

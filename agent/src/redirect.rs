@@ -1,23 +1,33 @@
 //! The kernel side of redirection: loads meshlet's eBPF programs, attaches them to this node's
 //! pod cgroup subtree, enrolls pods by netns cookie, and answers "where was this connection
-//! going?" for the outbound listener.
+//! going?" for the outbound listener. Inbound, it attaches the capture program to each pod's
+//! netns and tells it which pod addresses to capture and which agent socket takes them.
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    maps::{HashMap, MapData},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
-use meshlet_common::{ConnectionKey, EnrollmentFlags, OriginalDst};
+use meshlet_common::{stats, CaptureFlags, ConnectionKey, EnrollmentFlags, OriginalDst};
 
 /// The eBPF object, built by `build.rs` from `ebpf/programs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet-ebpf"));
 
-const CGROUP_PROGRAMS: &[&str] = &["connect4", "connect6", "getpeername4", "getpeername6"];
+const CGROUP_PROGRAMS: &[&str] = &[
+    "connect4",
+    "connect6",
+    "getpeername4",
+    "getpeername6",
+    "bind4",
+    "bind6",
+];
+const CAPTURE_PROGRAM: &str = "inbound_capture";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -60,9 +70,28 @@ pub enum RedirectError {
 
 /// Loaded and attached programs plus the maps the agent uses.
 pub struct Redirect {
-    _ebpf: Ebpf,
+    /// Holds the programs; the capture program is attached per pod netns from here.
+    ebpf: Mutex<Ebpf>,
+    pin_dir: PathBuf,
     enrolled: Mutex<HashMap<MapData, u64, EnrollmentFlags>>,
     original_dst: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
+    capture: Mutex<HashMap<MapData, [u32; 4], CaptureFlags>>,
+    listeners: Mutex<SockHash<MapData, [u32; 4]>>,
+    exempt: Mutex<HashMap<MapData, [u32; 4], u32>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// The kernel's per-CPU redirect counters, summed (see `meshlet_common::stats`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RedirectStats {
+    pub redirected: u64,
+    pub skipped_agent_mark: u64,
+    pub original_dst_recorded: u64,
+    pub refused_no_space: u64,
+    pub peername_rewritten: u64,
+    pub inbound_captured: u64,
+    pub inbound_dropped: u64,
+    pub bind_refused: u64,
 }
 
 impl Redirect {
@@ -109,6 +138,11 @@ impl Redirect {
             links.push(attach_link!(CgroupSockAddr, name));
         }
         links.push(attach_link!(SockOps, "sock_ops"));
+        let capture: &mut SkLookup = program_mut(&mut ebpf, CAPTURE_PROGRAM)?;
+        capture.load().map_err(|source| RedirectError::Program {
+            name: CAPTURE_PROGRAM,
+            source,
+        })?;
         // Pinned links outlive the agent: while it is gone, enrolled pods' connects still go
         // to 127.0.0.1:15001, where nothing listens, so they are refused rather than leaving in
         // plaintext. A new agent replaces the old pins (the new links are attached first, so
@@ -121,12 +155,119 @@ impl Redirect {
         }
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
         let original_dst = take_map(&mut ebpf, "ORIG_DST_BY_CONN")?;
+        let capture = take_map(&mut ebpf, "INBOUND_CAPTURE")?;
+        let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
+        let mut exempt: HashMap<MapData, [u32; 4], u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT")?;
+        // The exemptions are this agent's settings, not a previous agent's.
+        let stale: Vec<[u32; 4]> = exempt.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = exempt.remove(&key);
+        }
+        let stats = take_map(&mut ebpf, "STATS")?;
         tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+            pin_dir: pin_dir.to_path_buf(),
             enrolled: Mutex::new(enrolled),
             original_dst: Mutex::new(original_dst),
+            capture: Mutex::new(capture),
+            listeners: Mutex::new(listeners),
+            exempt: Mutex::new(exempt),
+            stats,
         })
+    }
+
+    /// Attaches inbound capture to a pod's netns. The link is pinned (by netns cookie), so
+    /// that while the agent is away the pod's captured addresses stay captured: with no agent
+    /// listener in the map, the program drops instead of letting plaintext reach the app.
+    pub fn attach_capture(&self, netns: impl AsFd, netns_cookie: u64) -> Result<(), RedirectError> {
+        let name = CAPTURE_PROGRAM;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
+        let id = program
+            .attach(netns)
+            .map_err(|source| RedirectError::Program { name, source })?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(|source| RedirectError::Program { name, source })?
+            .into();
+        let path = self.capture_pin(netns_cookie);
+        // A previous agent's link for this netns goes once the new one is in place.
+        let _ = std::fs::remove_file(&path);
+        link.pin(&path)
+            .map_err(|source| RedirectError::Pin { path, source })?;
+        Ok(())
+    }
+
+    /// Detaches inbound capture from a pod's netns (the pod is leaving the node).
+    pub fn detach_capture(&self, netns_cookie: u64) {
+        let _ = std::fs::remove_file(self.capture_pin(netns_cookie));
+    }
+
+    fn capture_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.pin_dir.join(format!("capture_{netns_cookie}"))
+    }
+
+    /// Points inbound capture for `ip` at the agent's plaintext listener `listener` (a
+    /// listening socket of the same family in the pod's netns).
+    pub fn set_capture_listener(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), RedirectError> {
+        let mut map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(ip_key(ip), listener.as_raw_fd(), 0)
+            .map_err(|source| RedirectError::Map {
+                name: "INBOUND_LISTENERS",
+                source,
+            })
+    }
+
+    /// Captures (or stops capturing) inbound connections to the pod address `ip`.
+    pub fn set_captured(&self, ip: IpAddr, captured: bool) -> Result<(), RedirectError> {
+        let mut map = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        let result = if captured {
+            map.insert(ip_key(ip), 0, 0)
+        } else {
+            match map.remove(&ip_key(ip)) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|source| RedirectError::Map {
+            name: "INBOUND_CAPTURE",
+            source,
+        })
+    }
+
+    /// Never captures connections from `ip` (e.g. the node's address, for kubelet probes).
+    pub fn exempt_source(&self, ip: IpAddr) -> Result<(), RedirectError> {
+        let mut map = self.exempt.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(ip_key(ip), 0, 0)
+            .map_err(|source| RedirectError::Map {
+                name: "CAPTURE_EXEMPT",
+                source,
+            })
+    }
+
+    /// The kernel-side counters, summed over CPUs.
+    pub fn stats(&self) -> RedirectStats {
+        let read = |index: u32| -> u64 {
+            self.stats
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        RedirectStats {
+            redirected: read(stats::REDIRECTED),
+            skipped_agent_mark: read(stats::SKIPPED_AGENT_MARK),
+            original_dst_recorded: read(stats::ORIGINAL_DST_RECORDED),
+            refused_no_space: read(stats::REFUSED_NO_SPACE),
+            peername_rewritten: read(stats::PEERNAME_REWRITTEN),
+            inbound_captured: read(stats::INBOUND_CAPTURED),
+            inbound_dropped: read(stats::INBOUND_DROPPED),
+            bind_refused: read(stats::BIND_REFUSED),
+        }
     }
 
     /// Starts capturing the connects of the pod whose netns has this cookie.
@@ -200,6 +341,15 @@ fn start_kernel_log(ebpf: &mut Ebpf) {
         },
         Err(e) => tracing::warn!("eBPF programs log nothing: {e}"),
     }
+}
+
+/// A pod address as the capture maps key it: IPv4-mapped for IPv4, in kernel word order.
+fn ip_key(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    octets_to_words(v6.octets())
 }
 
 /// The key the sock_ops program files the original destination under.

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// Connections to addresses that are no known workload.
     #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
     pub unknown_destination: UnknownDestination,
+    /// Source addresses whose connections to pods are never captured inbound (the node's own
+    /// address, so that kubelet probes reach STRICT pods). Repeatable.
+    #[arg(long = "capture-exempt-source", value_name = "IP")]
+    pub capture_exempt_sources: Vec<std::net::IpAddr>,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -52,6 +56,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Redirect::attach(&config.pod_cgroup, &config.bpf_pin_dir)
             .context("attaching the eBPF redirect")?,
     );
+    for ip in &config.capture_exempt_sources {
+        redirect
+            .exempt_source(*ip)
+            .with_context(|| format!("exempting {ip} from inbound capture"))?;
+        tracing::info!(%ip, "connections from this address are not captured inbound");
+    }
     let control_plane =
         channel::connect_lazy(&config.control_plane).context("control-plane address")?;
     let provider = tls::provider();
@@ -74,6 +84,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         provider,
         pool: Pool::new(config.max_streams_per_connection),
         unknown_destination: config.unknown_destination,
+        connections: Arc::new(crate::connections::LiveConnections::default()),
     });
     tokio::spawn(discovery::follow(
         control_plane,

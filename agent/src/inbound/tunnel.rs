@@ -1,16 +1,18 @@
-//! Inbound: the tunnel listener (15008) in each local pod's netns. Authenticate the peer
-//! agent (mTLS, SPIFFE), accept its CONNECT streams for this pod, deliver each to the app.
+//! The tunnel listener (15008) in each local pod's netns: authenticate the peer agent (mTLS,
+//! SPIFFE), accept its CONNECT streams for this pod, admit each (mode, policy), deliver it.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use meshlet_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
 use tokio::net::TcpStream;
 
+use super::{admit, Admission};
 use crate::{
     deliver,
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodHandle,
+    policy::Transport,
     tls,
     tunnel::{copy, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
 };
@@ -126,7 +128,23 @@ async fn handle_stream(
         reply(&mut respond, http::StatusCode::FORBIDDEN);
         return;
     }
-    let app = match deliver::connect_to_app(&pod.netns, peer.ip(), target).await {
+    let Some(Admission {
+        registration,
+        mut close,
+    }) = admit(
+        &agent,
+        &pod,
+        &local,
+        Transport::Mtls,
+        Some(&peer_identity),
+        peer,
+        target,
+    )
+    else {
+        reply(&mut respond, http::StatusCode::FORBIDDEN);
+        return;
+    };
+    let app = match deliver::connect_to_app(&pod.netns, peer.ip(), target, None).await {
         Ok(app) => app,
         Err(e) => {
             tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity,
@@ -148,7 +166,13 @@ async fn handle_stream(
             return;
         }
     };
-    let result = copy::copy_bidirectional(app, send, request.into_body()).await;
+    // A policy change that denies this connection ends the copy: dropping the streams closes
+    // the app's socket and resets the tunnel stream.
+    let result = tokio::select! {
+        result = copy::copy_bidirectional(app, send, request.into_body()) => result,
+        reason = close.closed() => Err(std::io::Error::other(reason)),
+    };
+    drop(registration);
     let (to_app, from_app, outcome, reason) = match result {
         Ok(t) => (t.stream_to_tcp, t.tcp_to_stream, "closed", String::new()),
         Err(e) => (0, 0, "error", e.to_string()),

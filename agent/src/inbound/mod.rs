@@ -1,0 +1,151 @@
+//! Inbound: connections that reach a local pod from elsewhere. Tunneled ones arrive on the
+//! agent's mTLS listener ([`tunnel`]); everything else from outside the pod is captured by the
+//! kernel into the agent's plaintext listener ([`plaintext`]). Both are admitted here, against
+//! the destination's mTLS mode and authorization policies, with one audit line per decision,
+//! and re-checked whenever the policy changes.
+use std::{net::SocketAddr, sync::Arc};
+
+use crate::{
+    connections::{CloseSignal, NewConnection, Registration},
+    discovery::WorkloadInfo,
+    identity::SpiffeId,
+    node::NodeAgent,
+    pods::PodHandle,
+    policy::{Decision, Request, Transport, Verdict},
+};
+
+pub mod plaintext;
+pub mod tunnel;
+
+/// An admitted connection: listed while it lives, closed when told to.
+pub(crate) struct Admission {
+    pub registration: Registration,
+    pub close: CloseSignal,
+}
+
+/// Decides on a new inbound connection; logs the decision; registers it when allowed.
+pub(crate) fn admit(
+    agent: &Arc<NodeAgent>,
+    pod: &PodHandle,
+    destination: &WorkloadInfo,
+    transport: Transport,
+    source_identity: Option<&SpiffeId>,
+    source: SocketAddr,
+    target: SocketAddr,
+) -> Option<Admission> {
+    let policy = agent.workloads.policy();
+    let decision = policy.decide(&Request {
+        transport,
+        source_identity,
+        source_ip: Some(source.ip()),
+        destination,
+        port: target.port(),
+    });
+    audit(
+        &decision,
+        "connection",
+        transport,
+        source_identity,
+        source,
+        destination,
+        target,
+    );
+    if decision.verdict == Verdict::Deny {
+        return None;
+    }
+    let (registration, close) = agent.connections.register(NewConnection {
+        pod: pod.uid.clone(),
+        transport,
+        source_identity: source_identity.cloned(),
+        source_ip: source.ip(),
+        destination: target,
+    });
+    Some(Admission {
+        registration,
+        close,
+    })
+}
+
+/// One audit line per decision, plus one per dry-run policy that would have changed it and
+/// one per AUDIT policy that matched.
+fn audit(
+    decision: &Decision,
+    event: &'static str,
+    transport: Transport,
+    source_identity: Option<&SpiffeId>,
+    source: SocketAddr,
+    destination: &WorkloadInfo,
+    target: SocketAddr,
+) {
+    let src_identity = source_identity.map(ToString::to_string).unwrap_or_default();
+    let policy = decision
+        .policy
+        .as_ref()
+        .map(|p| p.policy.clone())
+        .unwrap_or_default();
+    let rule = decision
+        .policy
+        .as_ref()
+        .and_then(|p| p.rule)
+        .map(|r| r as i64)
+        .unwrap_or(-1);
+    let transport = match transport {
+        Transport::Mtls => "mtls",
+        Transport::Plaintext => "plaintext",
+    };
+    let verdict = match decision.verdict {
+        Verdict::Allow => "allowed",
+        Verdict::Deny => "denied",
+    };
+    tracing::info!(target: "audit", event, decision = verdict, transport,
+        src_identity = %src_identity, src_ip = %source.ip(),
+        dst_workload = %destination.display_name(), dst_port = target.port(),
+        mode = %decision.mode.mode, mode_source = %decision.mode.source,
+        policy = %policy, rule, reason = %decision.reason, "authorization decision");
+    for hit in &decision.dry_run {
+        tracing::info!(target: "audit", event, decision = "dry_run", transport,
+            src_identity = %src_identity, src_ip = %source.ip(),
+            dst_workload = %destination.display_name(), dst_port = target.port(),
+            policy = %hit.policy, rule = hit.rule.map(|r| r as i64).unwrap_or(-1),
+            reason = "a dry-run policy would have denied this connection", "authorization decision");
+    }
+    for hit in &decision.audited {
+        tracing::info!(target: "audit", event, decision = "audit", transport,
+            src_identity = %src_identity, src_ip = %source.ip(),
+            dst_workload = %destination.display_name(), dst_port = target.port(),
+            policy = %hit.policy, rule = hit.rule.map(|r| r as i64).unwrap_or(-1),
+            reason = "matched an AUDIT policy", "authorization decision");
+    }
+}
+
+/// Re-checks every live inbound connection against the policy now in force and closes the
+/// ones it denies (or whose destination the control plane no longer describes).
+pub fn reevaluate(agent: &NodeAgent) {
+    let policy = agent.workloads.policy();
+    for connection in agent.connections.list() {
+        let Some(destination) = agent.workloads.by_uid(&connection.pod) else {
+            connection.close("the destination workload is no longer in the mesh".into());
+            continue;
+        };
+        let decision = policy.decide(&Request {
+            transport: connection.transport,
+            source_identity: connection.source_identity.as_ref(),
+            source_ip: Some(connection.source_ip),
+            destination: &destination,
+            port: connection.destination.port(),
+        });
+        if decision.verdict == Verdict::Deny {
+            let source = SocketAddr::new(connection.source_ip, 0);
+            audit(
+                &decision,
+                "connection_closed_by_policy_change",
+                connection.transport,
+                connection.source_identity.as_ref(),
+                source,
+                &destination,
+                connection.destination,
+            );
+            connection.close(format!("closed by policy change: {}", decision.reason));
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The plaintext listener (15006) in each local pod's netns. The kernel's capture program
+//! hands it every TCP connection that arrives from outside the pod for an app port; the
+//! accepted socket's local address is where the client was going. STRICT refuses it with a
+//! reset before the app sees anything; PERMISSIVE and DISABLE ports deliver it if policy allows.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{admit, Admission};
+use crate::{deliver, node::NodeAgent, pods::PodHandle, policy::Transport};
+
+/// Refuses a captured connection with a reset, so the client knows at once.
+fn reset(client: TcpStream) {
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
+/// One captured plaintext connection.
+pub(crate) async fn handle(
+    agent: Arc<NodeAgent>,
+    pod: Arc<PodHandle>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let Ok(target) = client.local_addr() else {
+        reset(client);
+        return;
+    };
+    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+        tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+            pod = %pod.uid, src = %peer, dst = %target, outcome = "refused",
+            reason = "the control plane has not described this pod yet");
+        reset(client);
+        return;
+    };
+    if !local.ips.contains(&target.ip()) {
+        tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+            src = %peer, dst = %target, dst_workload = %local.display_name(), outcome = "refused",
+            reason = "destination is not an address of this pod");
+        reset(client);
+        return;
+    }
+    let Some(Admission {
+        registration,
+        mut close,
+    }) = admit(
+        &agent,
+        &pod,
+        &local,
+        Transport::Plaintext,
+        None,
+        peer,
+        target,
+    )
+    else {
+        tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+            src = %peer, dst = %target, dst_workload = %local.display_name(),
+            outcome = "refused", reason = "denied (see the audit line)");
+        reset(client);
+        return;
+    };
+    // The delivery socket takes the client's address; never its port as well, or the app's
+    // connection would have the captured connection's addresses and ports.
+    let mut app =
+        match deliver::connect_to_app(&pod.netns, peer.ip(), target, Some(peer.port())).await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+                    src = %peer, dst = %target, outcome = "failed", reason = %e);
+                reset(client);
+                return;
+            }
+        };
+    let result = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut app) => result,
+        reason = close.closed() => Err(std::io::Error::other(reason)),
+    };
+    drop(registration);
+    let (received, sent, outcome, reason) = match result {
+        Ok((to_app, from_app)) => (to_app, from_app, "closed", String::new()),
+        Err(e) => {
+            let _ = app.shutdown().await;
+            reset(client);
+            (0, 0, "closed_by_agent", e.to_string())
+        }
+    };
+    tracing::info!(target: "access", direction = "inbound", transport = "plaintext",
+        src = %peer, dst = %target, dst_workload = %local.display_name(),
+        bytes_received = received, bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64, outcome, reason = %reason,
+        "connection closed");
+}
