@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use crate::{
     node::{NodeAgent, UnknownDestination},
     pods::PodHandle,
+    policy::Mode,
     tls,
     tunnel::{self, copy, PoolKey, TunnelConnector},
 };
@@ -37,10 +38,19 @@ pub(crate) async fn handle(
                     dst = %original, outcome = "refused",
                     reason = "destination is not a known workload (unknown_destination=refuse)");
             }
-            UnknownDestination::Passthrough => passthrough(&pod, app, original).await,
+            UnknownDestination::Passthrough => {
+                passthrough(&pod, app, original, "unknown_destination=passthrough").await
+            }
         }
         return;
     };
+    // Plaintext only because the destination's own mode says so.
+    let mode = agent.workloads.policy().mode_for(&destination, original.port());
+    if mode.mode == Mode::Disable {
+        let reason = format!("destination mode DISABLE ({})", mode.source);
+        passthrough(&pod, app, original, &reason).await;
+        return;
+    }
     let source_identity = source.identity.clone();
     if let Err(e) = agent.identities.current(&source_identity) {
         tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
@@ -104,8 +114,9 @@ pub(crate) async fn handle(
         "connection closed");
 }
 
-/// Plaintext to a destination outside the mesh, only when the operator chose passthrough.
-async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr) {
+/// Plaintext, from the pod itself: to a destination outside the mesh when the operator chose
+/// passthrough, or to a destination whose mode is DISABLE.
+async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr, why: &str) {
     let socket = pod
         .netns
         .run(move || -> std::io::Result<socket2::Socket> {
@@ -125,7 +136,7 @@ async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr) 
         Ok(mut upstream) => {
             let moved = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
             tracing::info!(target: "access", direction = "outbound", pod = %pod.uid, dst = %original,
-                outcome = "passthrough", bytes = ?moved.ok(), "connection closed");
+                outcome = "plaintext", reason = why, bytes = ?moved.ok(), "connection closed");
         }
         Err(e) => tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
             dst = %original, outcome = "failed", reason = %e),

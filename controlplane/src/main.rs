@@ -9,21 +9,39 @@ use meshlet_proto::v1::{
 };
 
 mod ca;
+mod emergency;
 mod registry;
 mod services;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "meshlet-controlplane",
-    about = "meshlet's reference control plane"
+    about = "meshlet's reference control plane",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Emergency switch: set one workload's mTLS mode (e.g. PERMISSIVE while a broken client
+    /// is fixed). The running control plane pushes it to every node at once.
+    Mode(emergency::ModeArgs),
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Where to serve gRPC: `unix:/path/to.sock` or `HOST:PORT`.
     #[arg(long, default_value = "unix:/run/meshlet/controlplane.sock")]
     listen: String,
-    /// JSON file with the workloads ({"workloads": [...]}); re-read when it changes.
+    /// JSON file with the workloads and policy ({"workloads": [...], "mesh": {...},
+    /// "modes": [...], "policies": [...]}); re-read when it changes.
     #[arg(long)]
-    workloads: PathBuf,
+    workloads: Option<PathBuf>,
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -43,7 +61,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Mode(mode)) = cli.command {
+        return emergency::set_mode(&mode);
+    }
+    let args = cli.serve;
+    let Some(workloads) = args.workloads.clone() else {
+        anyhow::bail!("--workloads FILE is required to serve: the registry of workloads and policy");
+    };
     if !args.dev {
         anyhow::bail!(
             "meshlet-controlplane needs a signing intermediate from your PKI; loading one from \
@@ -61,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .context("generating the dev CA")?,
     );
-    let registry = registry::watch_file(args.workloads.clone())?;
+    let registry = registry::watch_file(workloads)?;
     let router = tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(services::Certificates {
             ca: ca.clone(),

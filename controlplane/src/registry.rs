@@ -1,11 +1,14 @@
-//! The workload registry: which pods exist, on which node, with which service account.
+//! The workload registry: which pods exist, on which node, with which service account, and the
+//! mesh's policy (mTLS modes, authorization policies).
 //!
 //! The reference control plane reads it from a JSON file that the operator (or the lab) writes,
 //! and re-reads it when the file changes; every change is a new version pushed to the nodes.
+//! The policy is relayed as written: the agents, which enforce it, validate every version and
+//! NACK a bad one (naming what is wrong), keeping the policy in force.
 use std::{path::PathBuf, time::Duration};
 
-use meshlet_proto::v1::Workload;
-use serde::Deserialize;
+use meshlet_proto::v1::{AuthorizationPolicy, MeshPolicy, ModeRule, Workload};
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +19,7 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     #[error(
-        "workload file {path} is not valid JSON of the form {{\"workloads\": [...]}}: {source}"
+        "workload file {path} is not valid JSON of the form {{\"workloads\": [...], \"mesh\": {{...}}, \"modes\": [...], \"policies\": [...]}}: {source}"
     )]
     Parse {
         path: PathBuf,
@@ -25,7 +28,8 @@ pub enum RegistryError {
 }
 
 /// One workload as written in the registry file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadEntry {
     pub uid: String,
     pub namespace: String,
@@ -38,16 +42,40 @@ pub struct WorkloadEntry {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct RegistryFile {
-    workloads: Vec<WorkloadEntry>,
+/// The registry file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryFile {
+    pub workloads: Vec<WorkloadEntry>,
+    #[serde(default)]
+    pub mesh: MeshPolicy,
+    #[serde(default)]
+    pub modes: Vec<ModeRule>,
+    #[serde(default)]
+    pub policies: Vec<AuthorizationPolicy>,
 }
 
-/// A versioned snapshot of all workloads.
+impl RegistryFile {
+    pub fn read(path: &PathBuf) -> Result<Self, RegistryError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+/// A versioned snapshot of all workloads and the mesh's policy.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub version: u64,
     pub workloads: Vec<Workload>,
+    pub mesh: MeshPolicy,
+    pub modes: Vec<ModeRule>,
+    pub policies: Vec<AuthorizationPolicy>,
 }
 
 impl Snapshot {
@@ -59,17 +87,9 @@ impl Snapshot {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Vec<Workload>, RegistryError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let file: RegistryFile =
-        serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
-            path: path.clone(),
-            source,
-        })?;
-    Ok(file
+fn load(path: &PathBuf, version: u64) -> Result<Snapshot, RegistryError> {
+    let file = RegistryFile::read(path)?;
+    let workloads = file
         .workloads
         .into_iter()
         .map(|w| Workload {
@@ -81,18 +101,21 @@ fn load(path: &PathBuf) -> Result<Vec<Workload>, RegistryError> {
             ips: w.ips,
             labels: w.labels.into_iter().collect(),
         })
-        .collect())
+        .collect();
+    Ok(Snapshot {
+        version,
+        workloads,
+        mesh: file.mesh,
+        modes: file.modes,
+        policies: file.policies,
+    })
 }
 
 /// Loads the file once (failing loudly if it is bad) and then watches it: a changed file
 /// becomes a new version; a file that no longer parses is reported and the last good
 /// snapshot stays.
 pub fn watch_file(path: PathBuf) -> Result<watch::Receiver<Snapshot>, RegistryError> {
-    let workloads = load(&path)?;
-    let (tx, rx) = watch::channel(Snapshot {
-        version: 1,
-        workloads,
-    });
+    let (tx, rx) = watch::channel(load(&path, 1)?);
     tokio::spawn(async move {
         let mut last_seen = modified(&path);
         loop {
@@ -102,15 +125,17 @@ pub fn watch_file(path: PathBuf) -> Result<watch::Receiver<Snapshot>, RegistryEr
                 continue;
             }
             last_seen = now;
-            match load(&path) {
-                Ok(workloads) => {
-                    let version = tx.borrow().version + 1;
+            let version = tx.borrow().version + 1;
+            match load(&path, version) {
+                Ok(snapshot) => {
                     tracing::info!(
                         version,
-                        count = workloads.len(),
-                        "workload registry changed"
+                        workloads = snapshot.workloads.len(),
+                        modes = snapshot.modes.len(),
+                        policies = snapshot.policies.len(),
+                        "registry changed"
                     );
-                    if tx.send(Snapshot { version, workloads }).is_err() {
+                    if tx.send(snapshot).is_err() {
                         return;
                     }
                 }

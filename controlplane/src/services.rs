@@ -107,6 +107,9 @@ impl DiscoveryService for Discovery {
                     workloads: snapshot.workloads,
                     trust_roots_pem: ca.roots_pem().to_vec(),
                     trust_domain: ca.trust_domain().to_string(),
+                    mesh: Some(snapshot.mesh),
+                    modes: snapshot.modes,
+                    policies: snapshot.policies,
                 };
                 if tx.send(Ok(response)).await.is_err() {
                     break;
