@@ -5,6 +5,8 @@
 //! [`outbound`] (find the destination, pick the tunnel) → [`tunnel`] (mTLS + HTTP/2 CONNECT,
 //! pooled) → [`inbound`] (authenticate, check the target) → [`deliver`] (connect to the app
 //! with the client's address).
+pub mod admin;
+pub mod cli;
 pub mod connections;
 pub mod deliver;
 pub mod discovery;

@@ -1,6 +1,9 @@
 //! `meshlet`: the node agent and its command line.
 use clap::{Parser, Subcommand};
-use meshlet_agent::run;
+use meshlet_agent::{
+    cli::{self, Output},
+    run,
+};
 use meshlet_proto::channel;
 use meshlet_proto::v1::{node_service_client::NodeServiceClient, ListPodsRequest};
 
@@ -37,6 +40,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the mTLS mode and authorization policies of each local workload.
+    Policies {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// Explain how a connection would be decided, step by step, without sending it.
+    Check {
+        /// The source: a pod (namespace/name or uid), a SPIFFE ID, or an IP address.
+        #[arg(long)]
+        from: String,
+        /// The destination: <pod>:<port>.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+}
+
+/// Options of every command that reads the agent's admin API.
+#[derive(clap::Args)]
+struct ViewArgs {
+    /// The agent's admin API.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+impl ViewArgs {
+    fn print(
+        &self,
+        value: &serde_json::Value,
+        table: fn(&serde_json::Value),
+    ) -> anyhow::Result<()> {
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Table => table(value),
+        }
+        Ok(())
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -59,6 +103,19 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Agent(config) => run::run(config).await,
+        Command::Policies { view } => {
+            let value = cli::admin_get(view.admin, "/policies").await?;
+            view.print(&value, cli::print_policies)
+        }
+        Command::Check { from, to, view } => {
+            let path = format!(
+                "/check?from={}&to={}",
+                cli::query_value(&from),
+                cli::query_value(&to)
+            );
+            let value = cli::admin_get(view.admin, &path).await?;
+            view.print(&value, cli::print_check)
+        }
         Command::Pods { node_socket, json } => {
             let channel = channel::connect_lazy(&format!("unix:{node_socket}"))?;
             let pods = NodeServiceClient::new(channel)

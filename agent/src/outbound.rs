@@ -45,7 +45,10 @@ pub(crate) async fn handle(
         return;
     };
     // Plaintext only because the destination's own mode says so.
-    let mode = agent.workloads.policy().mode_for(&destination, original.port());
+    let mode = agent
+        .workloads
+        .policy()
+        .mode_for(&destination, original.port());
     if mode.mode == Mode::Disable {
         let reason = format!("destination mode DISABLE ({})", mode.source);
         passthrough(&pod, app, original, &reason).await;

@@ -48,6 +48,9 @@ pub struct AgentConfig {
     /// address, so that kubelet probes reach STRICT pods). Repeatable.
     #[arg(long = "capture-exempt-source", value_name = "IP")]
     pub capture_exempt_sources: Vec<std::net::IpAddr>,
+    /// The admin API (JSON views for the `meshlet` CLI); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: std::net::SocketAddr,
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -93,6 +96,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bundle,
     ));
     let pods = PodRegistry::new(agent.clone());
+    let admin = crate::admin::serve(config.admin_addr, agent.clone(), pods.clone()).await?;
+    tokio::spawn(async move {
+        if let Err(e) = admin.await {
+            tracing::error!("admin API stopped: {e}");
+        }
+    });
 
     let socket = &config.node_socket;
     if let Some(dir) = socket.parent() {

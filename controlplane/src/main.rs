@@ -67,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = cli.serve;
     let Some(workloads) = args.workloads.clone() else {
-        anyhow::bail!("--workloads FILE is required to serve: the registry of workloads and policy");
+        anyhow::bail!(
+            "--workloads FILE is required to serve: the registry of workloads and policy"
+        );
     };
     if !args.dev {
         anyhow::bail!(

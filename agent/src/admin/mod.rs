@@ -1,0 +1,78 @@
+//! The agent's admin API: read-only JSON views of what the agent knows and decides, on the
+//! host's loopback (127.0.0.1:15000 by default, never a pod address). The `meshlet` CLI reads
+//! it; so can an operator with curl.
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+
+use crate::{node::NodeAgent, pods::PodRegistry};
+
+pub mod views;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on {addr} for the admin API: {source} (is another agent using it? set --admin-addr)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct AdminState {
+    agent: Arc<NodeAgent>,
+    pods: Arc<PodRegistry>,
+}
+
+/// Binds the admin API; serving starts when the returned future is polled.
+pub async fn serve(
+    addr: SocketAddr,
+    agent: Arc<NodeAgent>,
+    pods: Arc<PodRegistry>,
+) -> Result<impl std::future::Future<Output = std::io::Result<()>>, AdminError> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the admin API is not on loopback: anyone who reaches it can read the mesh's configuration");
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let router = Router::new()
+        .route("/policies", get(policies))
+        .route("/check", get(check))
+        .route("/connections", get(connections))
+        .with_state(AdminState { agent, pods });
+    tracing::info!(%addr, "admin API listening");
+    Ok(async move { axum::serve(listener, router).await })
+}
+
+/// An error answer: the status and a message that says what to do.
+fn problem(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn policies(State(state): State<AdminState>) -> Json<views::PoliciesView> {
+    Json(views::policies(&state.agent, &state.pods.list()))
+}
+
+#[derive(serde::Deserialize)]
+struct CheckQuery {
+    from: String,
+    to: String,
+}
+
+async fn check(State(state): State<AdminState>, Query(q): Query<CheckQuery>) -> Response {
+    match views::check(&state.agent, &q.from, &q.to) {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+async fn connections(State(state): State<AdminState>) -> Json<Vec<views::ConnectionView>> {
+    Json(views::connections(&state.agent))
+}
