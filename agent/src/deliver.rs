@@ -11,7 +11,7 @@ use meshlet_common::DELIVER_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, redirect::Redirect};
 
 /// Routing table that sends everything to the local stack, for delivery sockets' replies.
 pub const DELIVER_TABLE: u32 = 15_000;
@@ -25,6 +25,8 @@ pub enum DeliverError {
     Connect { dst: SocketAddr, source: io::Error },
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),
+    #[error("cannot let the delivery past inbound capture: {0}")]
+    Pass(#[from] crate::redirect::RedirectError),
     #[error("cannot set up delivery routing in {netns}: {reason}")]
     Routing { netns: String, reason: String },
 }
@@ -32,6 +34,7 @@ pub enum DeliverError {
 /// Connects to `dst` inside the pod, with `src` (the remote client's address) as source and
 /// any local port but `avoid_port`.
 pub async fn connect_to_app(
+    redirect: &Redirect,
     netns: &Netns,
     src: IpAddr,
     dst: SocketAddr,
@@ -58,8 +61,20 @@ pub async fn connect_to_app(
             netns: name,
             source,
         })?;
+    let from = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| DeliverError::Socket {
+            netns: netns.path().display().to_string(),
+            source: io::Error::other("the delivery socket has no local address"),
+        })?;
+    // Our own SYN to the app must not be captured as if it came from outside.
+    let pass = redirect.delivery_pass(from, dst)?;
     let socket = TcpSocket::from_std_stream(socket.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;
+    drop(pass);
+    match connected {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(DeliverError::Connect { dst, source }),
         Err(_) => Err(DeliverError::Connect {

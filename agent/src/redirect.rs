@@ -14,7 +14,9 @@ use aya::{
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
-use meshlet_common::{stats, CaptureFlags, ConnectionKey, EnrollmentFlags, OriginalDst};
+use meshlet_common::{
+    stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, OriginalDst,
+};
 
 /// The eBPF object, built by `build.rs` from `ebpf/programs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlet-ebpf"));
@@ -78,7 +80,25 @@ pub struct Redirect {
     capture: Mutex<HashMap<MapData, [u32; 4], CaptureFlags>>,
     listeners: Mutex<SockHash<MapData, [u32; 4]>>,
     exempt: Mutex<HashMap<MapData, [u32; 4], u32>>,
+    deliveries: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+/// A delivery let past inbound capture; the pass ends when this drops.
+pub struct DeliveryPass<'a> {
+    redirect: &'a Redirect,
+    key: DeliveryKey,
+}
+
+impl Drop for DeliveryPass<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .redirect
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&self.key);
+    }
 }
 
 /// The kernel's per-CPU redirect counters, summed (see `meshlet_common::stats`).
@@ -163,6 +183,7 @@ impl Redirect {
         for key in stale {
             let _ = exempt.remove(&key);
         }
+        let deliveries = take_map(&mut ebpf, "DELIVERIES")?;
         let stats = take_map(&mut ebpf, "STATS")?;
         tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
         Ok(Self {
@@ -173,6 +194,7 @@ impl Redirect {
             capture: Mutex::new(capture),
             listeners: Mutex::new(listeners),
             exempt: Mutex::new(exempt),
+            deliveries: Mutex::new(deliveries),
             stats,
         })
     }
@@ -248,6 +270,30 @@ impl Redirect {
                 name: "CAPTURE_EXEMPT",
                 source,
             })
+    }
+
+    /// Lets the agent's delivery `from` → `to` (inside the pod) past inbound capture until
+    /// the returned pass drops; drop it once the connection is established.
+    pub fn delivery_pass(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<DeliveryPass<'_>, RedirectError> {
+        let key = DeliveryKey {
+            local_ip: ip_key(to.ip()),
+            remote_ip: ip_key(from.ip()),
+            local_port: to.port(),
+            remote_port: from.port(),
+        };
+        let mut map = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(key, 0, 0).map_err(|source| RedirectError::Map {
+            name: "DELIVERIES",
+            source,
+        })?;
+        Ok(DeliveryPass {
+            redirect: self,
+            key,
+        })
     }
 
     /// The kernel-side counters, summed over CPUs.

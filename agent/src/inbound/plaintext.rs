@@ -62,16 +62,23 @@ pub(crate) async fn handle(
     };
     // The delivery socket takes the client's address; never its port as well, or the app's
     // connection would have the captured connection's addresses and ports.
-    let mut app =
-        match deliver::connect_to_app(&pod.netns, peer.ip(), target, Some(peer.port())).await {
-            Ok(app) => app,
-            Err(e) => {
-                tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+    let mut app = match deliver::connect_to_app(
+        &agent.redirect,
+        &pod.netns,
+        peer.ip(),
+        target,
+        Some(peer.port()),
+    )
+    .await
+    {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
                     src = %peer, dst = %target, outcome = "failed", reason = %e);
-                reset(client);
-                return;
-            }
-        };
+            reset(client);
+            return;
+        }
+    };
     let result = tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut app) => result,
         reason = close.closed() => Err(std::io::Error::other(reason)),

@@ -144,7 +144,9 @@ async fn handle_stream(
         reply(&mut respond, http::StatusCode::FORBIDDEN);
         return;
     };
-    let app = match deliver::connect_to_app(&pod.netns, peer.ip(), target, None).await {
+    let app = match deliver::connect_to_app(&agent.redirect, &pod.netns, peer.ip(), target, None)
+        .await
+    {
         Ok(app) => app,
         Err(e) => {
             tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity,

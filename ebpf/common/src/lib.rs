@@ -73,6 +73,22 @@ pub type EnrollmentFlags = u32;
 /// inbound TCP goes to the agent. Non-zero flags are reserved.
 pub type CaptureFlags = u32;
 
+/// A connection the agent itself is making to an app inside a pod (a delivery), which inbound
+/// capture must let through. Seen from the pod: the app's address and port are local, the
+/// (foreign, transparent) source the agent bound is remote. The kernel cannot tell this SYN
+/// from one that came over the wire (locally routed packets report the pod interface as their
+/// ingress), so the agent names each delivery here for the few microseconds of its handshake.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+}
+
 /// Indexes of the per-CPU redirect counters in the `STATS` map.
 pub mod stats {
     /// A connect() from an enrolled pod was rewritten to the agent.
@@ -107,4 +123,6 @@ mod user {
     unsafe impl aya::Pod for super::OriginalDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectionKey {}
+    // SAFETY: as above (36 bytes, no padding).
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }

@@ -35,8 +35,8 @@ mod programs {
     };
     use aya_log_ebpf::{debug, warn};
     use meshlet_common::{
-        ipv4_mapped, stats, CaptureFlags, ConnectionKey, EnrollmentFlags, OriginalDst, AGENT_MARK,
-        AGENT_PORTS, DELIVER_MARK, OUTBOUND_PORT,
+        ipv4_mapped, stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, OriginalDst,
+        AGENT_MARK, AGENT_PORTS, DELIVER_MARK, OUTBOUND_PORT,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -73,6 +73,11 @@ mod programs {
     /// Source addresses whose connections are never captured (kubelet probes from the node).
     #[map(name = "CAPTURE_EXEMPT")]
     static CAPTURE_EXEMPT: HashMap<[u32; 4], u32> = HashMap::pinned(256, 0);
+
+    /// The agent's deliveries in progress (see `DeliveryKey`); not pinned, they are the
+    /// running agent's own.
+    #[map(name = "DELIVERIES")]
+    static DELIVERIES: HashMap<DeliveryKey, u32> = HashMap::with_max_entries(65_536, 0);
 
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
@@ -310,17 +315,15 @@ mod programs {
     /// sk_lookup verdicts.
     const SK_PASS: u32 = 1;
     const SK_DROP: u32 = 0;
-    /// The loopback device is interface 1 in every network namespace.
-    const LOOPBACK_IFINDEX: u32 = 1;
 
-    /// Inbound capture, attached to each enrolled pod's netns: a TCP connection arriving from
-    /// outside the pod (not over `lo`, which carries the agent's own deliveries) for a port that
-    /// is not the agent's goes to the agent's plaintext listener instead of the app.
+    /// Inbound capture, attached to each enrolled pod's netns: a new TCP connection to a
+    /// captured pod address, for a port that is not the agent's, goes to the agent's plaintext
+    /// listener instead of the app, unless it is the agent's own delivery.
     #[sk_lookup]
     pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
         // SAFETY: the kernel hands a valid bpf_sk_lookup to sk_lookup programs.
         let lookup = unsafe { &*ctx.lookup };
-        if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        if lookup.protocol != IPPROTO_TCP {
             return SK_PASS;
         }
         let port = lookup.local_port as u16;
@@ -353,9 +356,16 @@ mod programs {
                 )
             }
         };
+        let delivery = DeliveryKey {
+            local_ip: local,
+            remote_ip: remote,
+            local_port: port,
+            remote_port: u16::from_be(lookup.remote_port),
+        };
         // SAFETY: read-only lookups; the values are not kept.
         if unsafe { INBOUND_CAPTURE.get(&local) }.is_none()
             || unsafe { CAPTURE_EXEMPT.get(&remote) }.is_some()
+            || unsafe { DELIVERIES.get(&delivery) }.is_some()
         {
             return SK_PASS;
         }
