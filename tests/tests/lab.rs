@@ -1,10 +1,7 @@
 //! End-to-end tests in the lab: real network namespaces, real eBPF, real agents. Root only;
 //! run one at a time (`cargo xtask test` does).
 use std::{
-    io::{BufRead, BufReader},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
-    process::{Child, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,98 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
+use meshlet_lab::{lab, PodSpec};
 use meshlet_proto::v1::AddPodRequest;
 
-fn bin_dir() -> PathBuf {
-    std::env::var_os("MESHLET_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")))
-}
-
-const PROBE: &str = env!("CARGO_BIN_EXE_meshlet-lab-probe");
-const AGENT_MARK: &str = "0x6d6c0001";
-
-fn up(pods: &[PodSpec]) -> Lab {
-    Lab::up(pods, &LabOptions::new(bin_dir())).expect("lab up")
-}
-
-/// An echo server in a pod; `finish` returns the peers it accepted.
-struct Server {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Server {
-    fn start(lab: &Lab, pod: &str, port: u16) -> Self {
-        let mut child = lab
-            .command_in(pod, PROBE)
-            .expect("command")
-            .args(["serve", &port.to_string(), "100", "120"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server listening");
-        assert!(first.starts_with("LISTENING"), "{first}");
-        Self { child, lines: rx }
-    }
-
-    fn accepted(&self, wait: Duration) -> Vec<String> {
-        let deadline = Instant::now() + wait;
-        let mut out = Vec::new();
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => out.push(line),
-                Err(_) => break,
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs the probe client in `pod`; returns (success, JSON report or stderr).
-fn send(
-    lab: &Lab,
-    pod: &str,
-    to: &str,
-    bytes: usize,
-    mark: Option<&str>,
-    fill: Option<&str>,
-) -> (bool, serde_json::Value, String) {
-    let mut cmd = lab.command_in(pod, PROBE).expect("command");
-    cmd.args(["send", to, &bytes.to_string()]);
-    if let Some(mark) = mark {
-        cmd.arg(mark);
-    }
-    if let Some(fill) = fill {
-        cmd.env("PROBE_FILL", fill);
-    }
-    let out = cmd.output().expect("probe send");
-    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (
-        out.status.success(),
-        report,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{send, up, Server, AGENT_MARK};
 
 /// Raw frames seen on one interface of a netns (AF_PACKET), until stopped.
 struct Capture {

@@ -14,7 +14,9 @@ fn usage() -> ! {
         "usage:\n  meshlet-lab-probe serve PORT [MAX_CONNECTIONS] [TIMEOUT_SECS]\n  \
          meshlet-lab-probe send IP:PORT BYTES [SO_MARK]\n  \
          meshlet-lab-probe hold-server PORT MAX TIMEOUT_SECS\n  \
-         meshlet-lab-probe hold IP:PORT COUNT SECS"
+         meshlet-lab-probe hold IP:PORT COUNT SECS\n  \
+         meshlet-lab-probe ping IP:PORT SECS\n  \
+         meshlet-lab-probe bind PORT"
     );
     std::process::exit(2)
 }
@@ -26,6 +28,8 @@ fn main() {
         Some("send") => send(&args[1..]),
         Some("hold-server") => hold_server(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("ping") => ping(&args[1..]),
+        Some("bind") => bind(&args[1..]),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -221,4 +225,43 @@ fn hold(args: &[String]) -> std::io::Result<()> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One connection to an echo server, a byte every 50 ms: says `CONNECTED`, then `CLOSED` as
+/// soon as the connection fails or ends (or `OPEN` after SECS).
+fn ping(args: &[String]) -> std::io::Result<()> {
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let secs: u64 = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(30);
+    let mut stream = connect(to, None)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut byte = [0u8; 1];
+    stream.write_all(b"p")?;
+    stream.read_exact(&mut byte)?;
+    println!("CONNECTED");
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let alive = stream.write_all(b"p").is_ok() && matches!(stream.read(&mut byte), Ok(1));
+        if !alive {
+            println!("CLOSED");
+            return Ok(());
+        }
+    }
+    println!("OPEN");
+    Ok(())
+}
+
+/// Tries to listen on PORT; says `BOUND`, or fails with the error.
+fn bind(args: &[String]) -> std::io::Result<()> {
+    let port: u16 = args
+        .first()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| usage());
+    let _listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("BOUND {port}");
+    Ok(())
 }

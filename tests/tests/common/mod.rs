@@ -1,0 +1,163 @@
+//! Helpers shared by the lab test files: bringing a lab up, the probe app as server and client.
+#![allow(dead_code)]
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use meshlet_lab::{Lab, LabOptions, PodSpec};
+
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("MESHLET_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")))
+}
+
+pub const PROBE: &str = env!("CARGO_BIN_EXE_meshlet-lab-probe");
+pub const AGENT_MARK: &str = "0x6d6c0001";
+
+pub fn up(pods: &[PodSpec]) -> Lab {
+    Lab::up(pods, &LabOptions::new(bin_dir())).expect("lab up")
+}
+
+/// An echo server in a pod; `finish` returns the peers it accepted.
+pub struct Server {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    pub fn start(lab: &Lab, pod: &str, port: u16) -> Self {
+        let mut child = lab
+            .command_in(pod, PROBE)
+            .expect("command")
+            .args(["serve", &port.to_string(), "100", "120"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server listening");
+        assert!(first.starts_with("LISTENING"), "{first}");
+        Self { child, lines: rx }
+    }
+
+    pub fn accepted(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the probe client in `pod`; returns (success, JSON report or stderr).
+pub fn send(
+    lab: &Lab,
+    pod: &str,
+    to: &str,
+    bytes: usize,
+    mark: Option<&str>,
+    fill: Option<&str>,
+) -> (bool, serde_json::Value, String) {
+    let mut cmd = lab.command_in(pod, PROBE).expect("command");
+    cmd.args(["send", to, &bytes.to_string()]);
+    if let Some(mark) = mark {
+        cmd.arg(mark);
+    }
+    if let Some(fill) = fill {
+        cmd.env("PROBE_FILL", fill);
+    }
+    let out = cmd.output().expect("probe send");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        out.status.success(),
+        report,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes the registry with `extra` (mesh, modes, policies) beside the lab's workloads and
+/// waits until every agent has taken `version` (or NACKed it, when `expect_nack`).
+pub fn write_policy(lab: &Lab, extra: serde_json::Value, version: u64, expect_nack: bool) {
+    let mut registry = lab.topology.workloads_json();
+    if let (Some(map), Some(extra)) = (registry.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    lab.write_workloads(&registry).expect("write registry");
+    wait_version(lab, version, expect_nack);
+}
+
+/// Waits until every agent applied (or refused) `version`.
+pub fn wait_version(lab: &Lab, version: u64, expect_nack: bool) {
+    let (needle, tag) = if expect_nack {
+        (
+            "refused control-plane update (NACK)".to_string(),
+            format!("version={version}"),
+        )
+    } else {
+        (
+            format!("applied control-plane update version={version} "),
+            String::new(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in &lab.topology.nodes {
+        loop {
+            let log = lab.agent_log(&node.name);
+            if log
+                .lines()
+                .any(|l| l.contains(&needle) && l.split_whitespace().any(|w| w.contains(&tag)))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {needle:?}:\n{}",
+                node.name,
+                meshlet_lab::lab::log_tail(&node.agent_log, 30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs the `meshlet` CLI in `node`'s netns (where its agent's admin API is).
+pub fn meshlet_cli(lab: &Lab, node: &str, args: &[&str]) -> (bool, String, String) {
+    let bin = bin_dir().join("meshlet");
+    let out = lab
+        .command_in(node, bin.to_str().expect("utf-8 path"))
+        .expect("command")
+        .args(args)
+        .output()
+        .expect("meshlet cli");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
