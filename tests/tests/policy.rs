@@ -409,3 +409,27 @@ fn pods_cannot_bind_the_agent_ports_and_the_emergency_switch_opens_a_strict_pod(
         "{log}"
     );
 }
+
+#[test]
+fn the_node_address_can_be_exempted_from_capture_for_kubelet_probes() {
+    // node-2 reaches its pods from its side of their veth, the pods' gateway.
+    let mut options = meshlet_lab::LabOptions::new(bin_dir());
+    options.agent_args = vec!["--capture-exempt-source".into(), "10.244.2.1".into()];
+    let lab = Lab::up(&pods(), &options).expect("lab up");
+    let server = Server::start(&lab, "api", 8080);
+    let probe = |node: &str| {
+        lab.command_in(node, PROBE)
+            .expect("command")
+            .args(["send", &api_addr(&lab, 8080), "64"])
+            .output()
+            .expect("probe")
+            .status
+            .success()
+    };
+    assert!(probe("node-2"), "the exempted node address was captured");
+    assert_eq!(server.accepted(Duration::from_millis(300)).len(), 1);
+    // Everything else stays captured: node-1's address and pods outside the mesh.
+    assert!(!probe("node-1"), "a non-exempt node reached a STRICT pod");
+    assert!(!reaches(&lab, "legacy", 8080));
+    app_saw_nothing(&server, "non-exempt sources");
+}
