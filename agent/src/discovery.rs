@@ -225,10 +225,13 @@ pub async fn follow(
     node: String,
     workloads: Arc<Workloads>,
     bundle: Arc<TrustBundle>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match follow_once(channel.clone(), &node, &workloads, &bundle).await {
+        let result = follow_once(channel.clone(), &node, &workloads, &bundle, &metrics).await;
+        metrics.control_plane_connected.set(0);
+        match result {
             Ok(()) => tracing::warn!("discovery stream ended; reconnecting"),
             Err(e) => tracing::warn!("discovery stream failed: {e}; reconnecting in {backoff:?}"),
         }
@@ -242,6 +245,7 @@ async fn follow_once(
     node: &str,
     workloads: &Workloads,
     bundle: &TrustBundle,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     let hello = DiscoveryRequest {
@@ -252,10 +256,12 @@ async fn follow_once(
     let _ = tx.send(hello).await;
     let mut client = DiscoveryServiceClient::new(channel);
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    metrics.control_plane_connected.set(1);
     while let Some(update) = responses.next().await {
         let update = update?;
         let kind = match workloads.apply(&update, bundle) {
             Ok(()) => {
+                metrics.control_plane_version.set(update.version as i64);
                 tracing::info!(
                     version = update.version,
                     workloads = update.workloads.len(),
@@ -266,6 +272,7 @@ async fn follow_once(
                 })
             }
             Err(e) => {
+                metrics.control_plane_rejected.inc();
                 tracing::error!(
                     version = update.version,
                     "refused control-plane update (NACK), keeping version {}: {e}",

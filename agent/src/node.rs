@@ -29,4 +29,5 @@ pub struct NodeAgent {
     pub unknown_destination: UnknownDestination,
     /// Live inbound connections, re-checked when the policy changes.
     pub connections: Arc<LiveConnections>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -1,14 +1,19 @@
 //! Outbound: connections an enrolled pod made, redirected by the kernel to the agent's
 //! listener in the pod's netns. Find where each was going, pick the tunnel, carry it.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
 
 use meshlet_common::{AGENT_MARK, TUNNEL_PORT};
 use tokio::net::TcpStream;
 
 use crate::{
+    connections::{Direction, NewConnection},
     node::{NodeAgent, UnknownDestination},
     pods::PodHandle,
-    policy::Mode,
+    policy::{Mode, Transport},
     tls,
     tunnel::{self, copy, PoolKey, TunnelConnector},
 };
@@ -87,6 +92,16 @@ pub(crate) async fn handle(
     let checkout = match agent.pool.checkout(&key, connect).await {
         Ok(c) => c,
         Err(e) => {
+            if let tunnel::TunnelError::Handshake { source, .. } = &e {
+                agent
+                    .metrics
+                    .handshake_failures
+                    .get_or_create(&crate::metrics::FailureLabels {
+                        direction: "outbound",
+                        reason: tls::handshake_failure_reason(source),
+                    })
+                    .inc();
+            }
             tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
                 dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
             return;
@@ -103,11 +118,25 @@ pub(crate) async fn handle(
             return;
         }
     };
-    let result = copy::copy_bidirectional(app, send, recv).await;
+    let (registration, _never_closed) = agent.connections.register(NewConnection {
+        direction: Direction::Outbound,
+        pod: pod.uid.clone(),
+        transport: Transport::Mtls,
+        source_identity: Some(source_identity.clone()),
+        destination_identity: Some(destination.identity.clone()),
+        source: peer,
+        destination: original,
+    });
+    let bytes = registration.bytes();
+    let result =
+        copy::copy_bidirectional(app, send, recv, &bytes.from_source, &bytes.to_source).await;
     drop(checkout);
-    let (sent, received, outcome, reason) = match result {
-        Ok(t) => (t.tcp_to_stream, t.stream_to_tcp, "closed", String::new()),
-        Err(e) => (0, 0, "error", e.to_string()),
+    let sent = bytes.from_source.load(Ordering::Relaxed);
+    let received = bytes.to_source.load(Ordering::Relaxed);
+    drop(registration);
+    let (outcome, reason) = match result {
+        Ok(_) => ("closed", String::new()),
+        Err(e) => ("error", e.to_string()),
     };
     tracing::info!(target: "access", direction = "outbound", src = %source_identity,
         src_workload = %source.display_name(), dst = %original,

@@ -68,6 +68,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let control_plane =
         channel::connect_lazy(&config.control_plane).context("control-plane address")?;
     let provider = tls::provider();
+    let metrics = Arc::new(crate::metrics::Metrics::new(&config.node));
     let identities = Arc::new(IdentityStore::new(
         Arc::new(GrpcCaClient::new(
             control_plane.clone(),
@@ -75,6 +76,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         )),
         provider.clone(),
         Duration::from_secs(config.cert_lifetime),
+        metrics.clone(),
     ));
     let workloads = Arc::new(discovery::Workloads::default());
     let bundle = Arc::new(TrustBundle::default());
@@ -87,13 +89,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         provider,
         pool: Pool::new(config.max_streams_per_connection),
         unknown_destination: config.unknown_destination,
-        connections: Arc::new(crate::connections::LiveConnections::default()),
+        connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
+        metrics: metrics.clone(),
     });
     tokio::spawn(discovery::follow(
         control_plane,
         config.node.clone(),
         workloads,
         bundle,
+        metrics,
     ));
     let pods = PodRegistry::new(agent.clone());
     let admin = crate::admin::serve(config.admin_addr, agent.clone(), pods.clone()).await?;

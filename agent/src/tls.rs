@@ -409,3 +409,30 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
     leaf_info(leaf).ok()?.identity
 }
+
+/// A short, bounded reason for a failed TLS handshake (a metrics label).
+pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "certificate_expired",
+        Error::InvalidCertificate(CertificateError::NotValidYet)
+        | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            "certificate_not_yet_valid"
+        }
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::PeerIncompatible(_) => "peer_incompatible",
+        Error::AlertReceived(_) => "alert_received",
+        Error::InappropriateMessage { .. } | Error::InappropriateHandshakeMessage { .. } => {
+            "protocol"
+        }
+        Error::General(_) => "general",
+        _ => "other",
+    }
+}

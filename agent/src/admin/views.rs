@@ -214,7 +214,7 @@ pub struct ConnectionView {
     pub pod: String,
     pub transport: Transport,
     pub source_identity: Option<String>,
-    pub source_ip: IpAddr,
+    pub source: String,
     pub destination: String,
     pub age_seconds: u64,
 }
@@ -230,7 +230,7 @@ pub fn connections(agent: &NodeAgent) -> Vec<ConnectionView> {
             pod: c.pod.clone(),
             transport: c.transport,
             source_identity: c.source_identity.as_ref().map(ToString::to_string),
-            source_ip: c.source_ip,
+            source: c.source.to_string(),
             destination: c.destination.to_string(),
             age_seconds: now
                 .duration_since(c.started)

@@ -59,15 +59,22 @@ struct Entry {
 /// All identities this node holds.
 pub struct IdentityStore {
     ca: Arc<dyn CaClient>,
+    metrics: Arc<crate::metrics::Metrics>,
     provider: Arc<CryptoProvider>,
     lifetime: Duration,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
 }
 
 impl IdentityStore {
-    pub fn new(ca: Arc<dyn CaClient>, provider: Arc<CryptoProvider>, lifetime: Duration) -> Self {
+    pub fn new(
+        ca: Arc<dyn CaClient>,
+        provider: Arc<CryptoProvider>,
+        lifetime: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             ca,
+            metrics,
             provider,
             lifetime,
             entries: Mutex::new(HashMap::new()),
@@ -103,6 +110,7 @@ impl IdentityStore {
             if entry.pods == 0 {
                 entry.task.abort();
                 entries.remove(identity);
+                self.metrics.certificate_dropped(&identity.to_string());
                 tracing::info!(target: "audit", %identity, "identity dropped: last pod left");
             }
         }
@@ -211,6 +219,11 @@ async fn keep_fresh(
                     .duration_since(cert.not_before)
                     .unwrap_or(Duration::from_secs(60));
                 let renew_at = cert.not_before + lifetime.mul_f64(0.5 * jitter());
+                this.metrics.certificate_installed(
+                    &identity.to_string(),
+                    cert.not_before,
+                    cert.not_after,
+                );
                 let cert = Arc::new(cert);
                 tx.send_replace(Some(cert));
                 retry = FIRST_RETRY;
@@ -221,6 +234,18 @@ async fn keep_fresh(
                 tokio::time::sleep(wait).await;
             }
             Err(e) => {
+                let reason = match &e {
+                    IdentityError::Ca(super::CaError::Refused { status, .. }) => {
+                        format!("ca_{:?}", status.code()).to_lowercase()
+                    }
+                    IdentityError::BadChain { .. } => "bad_chain".into(),
+                    IdentityError::Csr { .. } => "csr".into(),
+                    _ => "other".into(),
+                };
+                this.metrics
+                    .ca_failures
+                    .get_or_create(&crate::metrics::ReasonLabels { reason })
+                    .inc();
                 tracing::warn!(target: "audit", %identity, error = %e, retry_in = ?retry, "certificate request failed");
                 drop(this);
                 tokio::time::sleep(retry).await;

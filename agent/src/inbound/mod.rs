@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
-    connections::{CloseSignal, NewConnection, Registration},
+    connections::{CloseSignal, Direction, NewConnection, Registration},
     discovery::WorkloadInfo,
     identity::SpiffeId,
     node::NodeAgent,
@@ -51,13 +51,31 @@ pub(crate) fn admit(
         target,
     );
     if decision.verdict == Verdict::Deny {
+        let reason = if decision.policy.is_some() {
+            "deny_policy"
+        } else if decision.reason.starts_with("plaintext refused") {
+            "plaintext_in_strict_mode"
+        } else if decision.reason.starts_with("no ALLOW policy matched") {
+            "no_allow_policy_matched"
+        } else {
+            "default_deny"
+        };
+        agent
+            .metrics
+            .policy_denials
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
         return None;
     }
     let (registration, close) = agent.connections.register(NewConnection {
+        direction: Direction::Inbound,
         pod: pod.uid.clone(),
         transport,
         source_identity: source_identity.cloned(),
-        source_ip: source.ip(),
+        destination_identity: Some(destination.identity.clone()),
+        source,
         destination: target,
     });
     Some(Admission {
@@ -123,6 +141,9 @@ fn audit(
 pub fn reevaluate(agent: &NodeAgent) {
     let policy = agent.workloads.policy();
     for connection in agent.connections.list() {
+        if connection.direction != Direction::Inbound {
+            continue;
+        }
         let Some(destination) = agent.workloads.by_uid(&connection.pod) else {
             connection.close("the destination workload is no longer in the mesh".into());
             continue;
@@ -130,12 +151,12 @@ pub fn reevaluate(agent: &NodeAgent) {
         let decision = policy.decide(&Request {
             transport: connection.transport,
             source_identity: connection.source_identity.as_ref(),
-            source_ip: Some(connection.source_ip),
+            source_ip: Some(connection.source.ip()),
             destination: &destination,
             port: connection.destination.port(),
         });
         if decision.verdict == Verdict::Deny {
-            let source = SocketAddr::new(connection.source_ip, 0);
+            let source = connection.source;
             audit(
                 &decision,
                 "connection_closed_by_policy_change",

@@ -4,10 +4,20 @@
 //! reset before the app sees anything; PERMISSIVE and DISABLE ports deliver it if policy allows.
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use std::{os::fd::AsRawFd, sync::atomic::Ordering};
+
+use tokio::net::TcpStream;
 
 use super::{admit, Admission};
-use crate::{deliver, node::NodeAgent, pods::PodHandle, policy::Transport};
+use crate::{deliver, node::NodeAgent, pods::PodHandle, policy::Transport, tunnel::copy};
+
+/// SO_LINGER 0 on a socket that is about to be dropped by the select, so that it resets.
+fn set_zero_linger(fd: std::os::fd::RawFd) {
+    // SAFETY: the fd belongs to a TcpStream still alive in the caller's select; we only set an
+    // option on it and never close it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&borrowed).set_linger(Some(std::time::Duration::ZERO));
+}
 
 /// Refuses a captured connection with a reset, so the client knows at once.
 fn reset(client: TcpStream) {
@@ -19,7 +29,7 @@ fn reset(client: TcpStream) {
 pub(crate) async fn handle(
     agent: Arc<NodeAgent>,
     pod: Arc<PodHandle>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
 ) {
     let started = Instant::now();
@@ -62,7 +72,7 @@ pub(crate) async fn handle(
     };
     // The delivery socket takes the client's address; never its port as well, or the app's
     // connection would have the captured connection's addresses and ports.
-    let mut app = match deliver::connect_to_app(
+    let app = match deliver::connect_to_app(
         &agent.redirect,
         &pod.netns,
         peer.ip(),
@@ -79,18 +89,26 @@ pub(crate) async fn handle(
             return;
         }
     };
+    let client_fd = client.as_raw_fd();
     let result = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut app) => result,
-        reason = close.closed() => Err(std::io::Error::other(reason)),
-    };
-    drop(registration);
-    let (received, sent, outcome, reason) = match result {
-        Ok((to_app, from_app)) => (to_app, from_app, "closed", String::new()),
-        Err(e) => {
-            let _ = app.shutdown().await;
-            reset(client);
-            (0, 0, "closed_by_agent", e.to_string())
+        result = copy::copy_tcp(
+            client,
+            app,
+            &registration.bytes().from_source,
+            &registration.bytes().to_source,
+        ) => result.map(|_| ()),
+        reason = close.closed() => {
+            // Reset the client rather than let it think the app finished.
+            set_zero_linger(client_fd);
+            Err(std::io::Error::other(reason))
         }
+    };
+    let received = registration.bytes().from_source.load(Ordering::Relaxed);
+    let sent = registration.bytes().to_source.load(Ordering::Relaxed);
+    drop(registration);
+    let (outcome, reason) = match result {
+        Ok(()) => ("closed", String::new()),
+        Err(e) => ("closed_by_agent", e.to_string()),
     };
     tracing::info!(target: "access", direction = "inbound", transport = "plaintext",
         src = %peer, dst = %target, dst_workload = %local.display_name(),

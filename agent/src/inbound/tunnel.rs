@@ -39,6 +39,14 @@ pub(crate) async fn handle_connection(
     let tls = match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
         Ok(tls) => tls,
         Err(e) => {
+            agent
+                .metrics
+                .handshake_failures
+                .get_or_create(&crate::metrics::FailureLabels {
+                    direction: "inbound",
+                    reason: tls::handshake_failure_reason(&e),
+                })
+                .inc();
             tracing::warn!(target: "access", direction = "inbound", dst_workload = %local.display_name(),
                 %peer, outcome = "refused", reason = %format!("TLS handshake failed: {e}"));
             return;
@@ -171,7 +179,13 @@ async fn handle_stream(
     // A policy change that denies this connection ends the copy: dropping the streams closes
     // the app's socket and resets the tunnel stream.
     let result = tokio::select! {
-        result = copy::copy_bidirectional(app, send, request.into_body()) => result,
+        result = copy::copy_bidirectional(
+            app,
+            send,
+            request.into_body(),
+            &registration.bytes().to_source,
+            &registration.bytes().from_source,
+        ) => result,
         reason = close.closed() => Err(std::io::Error::other(reason)),
     };
     drop(registration);

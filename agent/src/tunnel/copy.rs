@@ -1,6 +1,10 @@
 //! Moving bytes between a TCP socket and an HTTP/2 stream, both ways, with HTTP/2 flow
 //! control respected and half-closes carried across (FIN ⇄ END_STREAM).
-use std::{future::poll_fn, io};
+use std::{
+    future::poll_fn,
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -30,21 +34,25 @@ fn h2_io(e: h2::Error) -> io::Error {
 ///
 /// Takes a `TcpStream` (not any stream) for its lock-free `into_split`: `tokio::io::split`
 /// puts both halves behind one lock, which the two directions then fight over.
+///
+/// `from_tcp` and `to_tcp` count the bytes as they move, for live views.
 pub async fn copy_bidirectional(
     tcp: tokio::net::TcpStream,
     mut send: h2::SendStream<Bytes>,
     mut recv: h2::RecvStream,
+    from_tcp: &AtomicU64,
+    to_tcp: &AtomicU64,
 ) -> io::Result<Transferred> {
     let (mut rd, mut wr) = tcp.into_split();
     let up = async {
-        let n = tcp_to_stream(&mut rd, &mut send).await;
+        let n = tcp_to_stream(&mut rd, &mut send, from_tcp).await;
         if n.is_err() {
             send.send_reset(h2::Reason::CANCEL);
         }
         n
     };
     let down = async {
-        let n = stream_to_tcp(&mut recv, &mut wr).await;
+        let n = stream_to_tcp(&mut recv, &mut wr, to_tcp).await;
         if n.is_ok() {
             let _ = wr.shutdown().await;
         }
@@ -60,6 +68,7 @@ pub async fn copy_bidirectional(
 async fn tcp_to_stream<R: AsyncRead + Unpin>(
     rd: &mut R,
     send: &mut h2::SendStream<Bytes>,
+    counter: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(CHUNK);
@@ -71,6 +80,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
             return Ok(total);
         }
         total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
@@ -90,6 +100,7 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
 async fn stream_to_tcp<W: AsyncWrite + Unpin>(
     recv: &mut h2::RecvStream,
     wr: &mut W,
+    counter: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
@@ -97,8 +108,44 @@ async fn stream_to_tcp<W: AsyncWrite + Unpin>(
         let n = chunk.len();
         wr.write_all(&chunk).await?;
         total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
         // Give the window back only once the bytes are with the app: backpressure.
         let _ = recv.flow_control().release_capacity(n);
     }
     Ok(total)
+}
+
+/// Copies between two TCP sockets until both directions finish (FIN carried across), counting
+/// as it goes; for plaintext connections the agent passes through.
+pub async fn copy_tcp(
+    a: tokio::net::TcpStream,
+    b: tokio::net::TcpStream,
+    a_to_b: &AtomicU64,
+    b_to_a: &AtomicU64,
+) -> io::Result<(u64, u64)> {
+    let (mut a_rd, mut a_wr) = a.into_split();
+    let (mut b_rd, mut b_wr) = b.into_split();
+    tokio::try_join!(
+        one_way(&mut a_rd, &mut b_wr, a_to_b),
+        one_way(&mut b_rd, &mut a_wr, b_to_a)
+    )
+}
+
+async fn one_way<R, W>(rd: &mut R, wr: &mut W, counter: &AtomicU64) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            wr.shutdown().await?;
+            return Ok(total);
+        }
+        wr.write_all(&buf[..n]).await?;
+        total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }

@@ -1,0 +1,296 @@
+//! Prometheus metrics of one agent: connections and bytes by direction and identities,
+//! handshake failures, policy denials, certificates, the control plane, and the kernel's own
+//! redirect counters. Identity labels are bounded: past [`MAX_IDENTITY_LABELS`] distinct values,
+//! new identities count under `other`, so a churning mesh cannot blow up the series count.
+use std::{
+    collections::HashSet,
+    sync::{atomic::AtomicI64, Mutex},
+    time::SystemTime,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::redirect::RedirectStats;
+
+/// Distinct identity label values before new ones become `other`.
+pub const MAX_IDENTITY_LABELS: usize = 256;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub direction: &'static str,
+    pub source_identity: String,
+    pub destination_identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub node: String,
+}
+
+/// Everything the agent counts.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_opened: Family<ConnectionLabels, Counter>,
+    pub connections_closed: Family<ConnectionLabels, Counter>,
+    pub bytes_sent: Family<ConnectionLabels, Counter>,
+    pub bytes_received: Family<ConnectionLabels, Counter>,
+    pub connections_active: Family<DirectionLabels, Gauge>,
+    pub handshake_failures: Family<FailureLabels, Counter>,
+    pub policy_denials: Family<ReasonLabels, Counter>,
+    pub certificate_expiry: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
+    pub certificate_rotations: Family<IdentityLabels, Counter>,
+    pub ca_failures: Family<ReasonLabels, Counter>,
+    pub control_plane_connected: Gauge,
+    pub control_plane_version: Gauge,
+    pub control_plane_rejected: Counter,
+    redirect_events: Family<EventLabels, Counter>,
+    redirect_seen: Mutex<RedirectStats>,
+    identities: Mutex<HashSet<String>>,
+}
+
+impl Metrics {
+    pub fn new(node: &str) -> Self {
+        let mut registry = Registry::with_prefix("meshlet");
+        let m = Self {
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            connections_active: Family::default(),
+            handshake_failures: Family::default(),
+            policy_denials: Family::default(),
+            certificate_expiry: Family::default(),
+            certificate_not_before: Family::default(),
+            certificate_rotations: Family::default(),
+            ca_failures: Family::default(),
+            control_plane_connected: Gauge::default(),
+            control_plane_version: Gauge::default(),
+            control_plane_rejected: Counter::default(),
+            redirect_events: Family::default(),
+            redirect_seen: Mutex::new(RedirectStats::default()),
+            identities: Mutex::new(HashSet::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_opened",
+            "Connections opened, by direction and source and destination identity",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections closed, by direction and source and destination identity",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Bytes sent by the app side of a connection (outbound: from the local app; inbound: from the remote)",
+            m.bytes_sent.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Bytes received by the app side of a connection",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open now, by direction",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by direction and reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Inbound connections refused by mTLS mode or authorization policy, by reason",
+            m.policy_denials.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the current certificate of each local identity expires (unix seconds)",
+            m.certificate_expiry.clone(),
+        );
+        registry.register(
+            "certificate_not_before_timestamp_seconds",
+            "When the current certificate of each local identity became valid (unix seconds)",
+            m.certificate_not_before.clone(),
+        );
+        registry.register(
+            "certificate_rotations",
+            "Certificates obtained from the CA (first issue and every rotation), per identity",
+            m.certificate_rotations.clone(),
+        );
+        registry.register(
+            "ca_request_failures",
+            "Certificate requests that failed, by reason",
+            m.ca_failures.clone(),
+        );
+        registry.register(
+            "control_plane_connected",
+            "1 while the discovery stream to the control plane is up",
+            m.control_plane_connected.clone(),
+        );
+        registry.register(
+            "control_plane_applied_version",
+            "The last control-plane version this agent applied",
+            m.control_plane_version.clone(),
+        );
+        registry.register(
+            "control_plane_rejected_updates",
+            "Control-plane versions refused (NACK)",
+            m.control_plane_rejected.clone(),
+        );
+        registry.register(
+            "redirect_events",
+            "The kernel programs' counters (per-CPU BPF map, summed), by event",
+            m.redirect_events.clone(),
+        );
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                node: node.to_string(),
+            })
+            .set(1);
+        registry.register("build_info", "The agent's version and node", build);
+        Self { registry, ..m }
+    }
+
+    /// An identity as a label value, bounded (see [`MAX_IDENTITY_LABELS`]).
+    pub fn identity_label(&self, identity: Option<&str>) -> String {
+        let Some(identity) = identity else {
+            return "none".into();
+        };
+        let mut seen = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(identity) {
+            return identity.to_string();
+        }
+        if seen.len() >= MAX_IDENTITY_LABELS {
+            return "other".into();
+        }
+        seen.insert(identity.to_string());
+        identity.to_string()
+    }
+
+    /// Labels for a connection between two identities (`None`: no identity, plaintext).
+    pub fn connection_labels(
+        &self,
+        direction: &'static str,
+        source: Option<&str>,
+        destination: Option<&str>,
+    ) -> ConnectionLabels {
+        ConnectionLabels {
+            direction,
+            source_identity: self.identity_label(source),
+            destination_identity: self.identity_label(destination),
+        }
+    }
+
+    /// Records a certificate that was just installed.
+    pub fn certificate_installed(&self, identity: &str, not_before: SystemTime, not_after: SystemTime) {
+        let labels = IdentityLabels {
+            identity: identity.to_string(),
+        };
+        self.certificate_expiry
+            .get_or_create(&labels)
+            .set(unix(not_after));
+        self.certificate_not_before
+            .get_or_create(&labels)
+            .set(unix(not_before));
+        self.certificate_rotations.get_or_create(&labels).inc();
+    }
+
+    /// Forgets an identity's certificate gauges (its last pod left).
+    pub fn certificate_dropped(&self, identity: &str) {
+        let labels = IdentityLabels {
+            identity: identity.to_string(),
+        };
+        self.certificate_expiry.remove(&labels);
+        self.certificate_not_before.remove(&labels);
+    }
+
+    /// The text exposition, with the kernel counters brought up to date first.
+    pub fn encode(&self, redirect: Option<RedirectStats>) -> Result<String, std::fmt::Error> {
+        if let Some(now) = redirect {
+            let mut seen = self.redirect_seen.lock().unwrap_or_else(|e| e.into_inner());
+            for (event, now, before) in [
+                ("redirected", now.redirected, seen.redirected),
+                ("skipped_agent_mark", now.skipped_agent_mark, seen.skipped_agent_mark),
+                ("original_dst_recorded", now.original_dst_recorded, seen.original_dst_recorded),
+                ("refused_no_space", now.refused_no_space, seen.refused_no_space),
+                ("peername_rewritten", now.peername_rewritten, seen.peername_rewritten),
+                ("inbound_captured", now.inbound_captured, seen.inbound_captured),
+                ("inbound_dropped", now.inbound_dropped, seen.inbound_dropped),
+                ("bind_refused", now.bind_refused, seen.bind_refused),
+            ] {
+                // The maps are pinned and may predate this agent: count from what it first saw.
+                self.redirect_events
+                    .get_or_create(&EventLabels { event })
+                    .inc_by(now.saturating_sub(before));
+            }
+            *seen = now;
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_labels_are_bounded_and_connections_counted() {
+        let m = Metrics::new("node-1");
+        for i in 0..MAX_IDENTITY_LABELS + 10 {
+            m.identity_label(Some(&format!("spiffe://td/ns/n/sa/{i}")));
+        }
+        assert_eq!(m.identity_label(Some("spiffe://td/ns/n/sa/new")), "other");
+        assert_eq!(m.identity_label(Some("spiffe://td/ns/n/sa/1")), "spiffe://td/ns/n/sa/1");
+        let labels = m.connection_labels("outbound", Some("spiffe://td/ns/n/sa/1"), None);
+        m.connections_opened.get_or_create(&labels).inc();
+        let text = m.encode(None).expect("encode");
+        assert!(text.contains("meshlet_connections_opened_total{direction=\"outbound\",source_identity=\"spiffe://td/ns/n/sa/1\",destination_identity=\"none\"} 1"), "{text}");
+        assert!(text.contains("meshlet_build_info{version=\""), "{text}");
+    }
+}
