@@ -19,6 +19,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default, deny_unknown_fields)]",
         );
     }
+    // The whole discovery update too, so that a config dump carries what the agent applied.
+    for message in ["DiscoveryResponse", "Workload"] {
+        config = config.type_attribute(
+            format!(".meshlet.v1.{message}"),
+            "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default)]",
+        );
+    }
     config.compile_protos(&["proto/meshlet.proto"], &["proto"])?;
     Ok(())
 }

@@ -81,6 +81,8 @@ struct Snapshot {
     by_uid: HashMap<String, Arc<WorkloadInfo>>,
     by_ip: HashMap<IpAddr, Arc<WorkloadInfo>>,
     policy: Arc<PolicySet>,
+    /// The update as applied, for config dumps.
+    update: Option<Arc<DiscoveryResponse>>,
 }
 
 /// The workloads of the last accepted version.
@@ -124,6 +126,18 @@ impl Workloads {
             .cloned()
     }
 
+    /// The last accepted update, as the control plane sent it.
+    pub fn last_update(&self) -> Option<Arc<DiscoveryResponse>> {
+        self.snapshot().update.clone()
+    }
+
+    /// Every workload of the mesh, by namespace/name.
+    pub fn list(&self) -> Vec<Arc<WorkloadInfo>> {
+        let mut list: Vec<_> = self.snapshot().by_uid.values().cloned().collect();
+        list.sort_by_key(|w| w.display_name());
+        list
+    }
+
     /// The mTLS modes and authorization policies of the last accepted version.
     pub fn policy(&self) -> Arc<PolicySet> {
         self.snapshot().policy.clone()
@@ -151,7 +165,8 @@ impl Workloads {
                 applied,
             });
         }
-        let snapshot = validate(update)?;
+        let mut snapshot = validate(update)?;
+        snapshot.update = Some(Arc::new(update.clone()));
         bundle.replace(&update.trust_roots_pem)?;
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         self.changed.send_replace(update.version);

@@ -11,6 +11,7 @@ pub mod connections;
 pub mod deliver;
 pub mod discovery;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod inbound;
 pub mod netns;

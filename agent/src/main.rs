@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use meshlet_agent::{
     cli::{self, Output},
+    logging::LogFormat,
     run,
 };
 use meshlet_proto::channel;
@@ -21,11 +22,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Subcommand)]
 enum Command {
@@ -83,24 +79,10 @@ impl ViewArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    use std::io::IsTerminal;
-    // Colours only on a terminal: log files and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    meshlet_agent::logging::init(cli.log_format);
     match cli.command {
         Command::Agent(config) => run::run(config).await,
         Command::Policies { view } => {

@@ -52,6 +52,8 @@ pub struct LeafInfo {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub serial: String,
+    /// The issuer's distinguished name.
+    pub issuer: String,
 }
 
 pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
@@ -63,6 +65,7 @@ pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
         not_before: to_time(cert.validity().not_before.timestamp()),
         not_after: to_time(cert.validity().not_after.timestamp()),
         serial: cert.raw_serial_as_string(),
+        issuer: cert.issuer().to_string(),
     })
 }
 

@@ -7,7 +7,7 @@ use axum::{
     extract::{Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
 
@@ -43,9 +43,17 @@ pub async fn serve(
         .await
         .map_err(|source| AdminError::Bind { addr, source })?;
     let router = Router::new()
+        .route("/", get(index))
+        .route("/status", get(status))
+        .route("/config_dump", get(config_dump))
+        .route("/workloads", get(workloads))
+        .route("/certs", get(certs))
         .route("/policies", get(policies))
         .route("/check", get(check))
         .route("/connections", get(connections))
+        .route("/healthz/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/logging", post(logging))
         .with_state(AdminState { agent, pods });
     tracing::info!(%addr, "admin API listening");
     Ok(async move { axum::serve(listener, router).await })
@@ -67,7 +75,7 @@ struct CheckQuery {
 }
 
 async fn check(State(state): State<AdminState>, Query(q): Query<CheckQuery>) -> Response {
-    match views::check(&state.agent, &q.from, &q.to) {
+    match views::check(&state.agent.workloads, &q.from, &q.to) {
         Ok(view) => Json(view).into_response(),
         Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
     }
@@ -75,4 +83,74 @@ async fn check(State(state): State<AdminState>, Query(q): Query<CheckQuery>) -> 
 
 async fn connections(State(state): State<AdminState>) -> Json<Vec<views::ConnectionView>> {
     Json(views::connections(&state.agent))
+}
+
+const ENDPOINTS: &[&str] = &[
+    "/status",
+    "/config_dump",
+    "/workloads",
+    "/certs",
+    "/connections",
+    "/policies",
+    "/check?from=<pod|spiffe-id|ip>&to=<pod>:<port>",
+    "/healthz/ready",
+    "/metrics",
+    "POST /logging?level=<filter>",
+];
+
+async fn index() -> Json<&'static [&'static str]> {
+    Json(ENDPOINTS)
+}
+
+async fn status(State(state): State<AdminState>) -> Json<views::StatusView> {
+    Json(views::status(&state.agent, &state.pods.list()))
+}
+
+async fn config_dump(State(state): State<AdminState>) -> Json<views::ConfigDump> {
+    Json(views::config_dump(&state.agent, state.pods.list()))
+}
+
+async fn workloads(State(state): State<AdminState>) -> Json<Vec<views::WorkloadView>> {
+    Json(views::workloads(&state.agent, &state.pods.list()))
+}
+
+async fn certs(State(state): State<AdminState>) -> Json<Vec<views::CertView>> {
+    Json(views::certs(&state.agent))
+}
+
+/// 200 when ready, 503 with the reasons otherwise.
+async fn ready(State(state): State<AdminState>) -> Response {
+    let readiness = views::readiness(state.agent.workloads.version(), &state.pods.list());
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    match state.agent.metrics.encode(Some(state.agent.redirect.stats())) {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoggingQuery {
+    level: String,
+}
+
+async fn logging(Query(q): Query<LoggingQuery>) -> Response {
+    match crate::logging::set_filter(&q.level) {
+        Ok(()) => Json(serde_json::json!({ "level": q.level })).into_response(),
+        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+    }
 }

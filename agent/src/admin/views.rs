@@ -2,7 +2,7 @@
 use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use crate::{
-    discovery::WorkloadInfo,
+    discovery::{WorkloadInfo, Workloads},
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodSummary,
@@ -141,15 +141,15 @@ pub struct CheckView {
     pub decision: Decision,
 }
 
-fn find_workload(agent: &NodeAgent, name: &str) -> Option<Arc<WorkloadInfo>> {
-    agent
-        .workloads
+fn find_workload(workloads: &Workloads, name: &str) -> Option<Arc<WorkloadInfo>> {
+    workloads
         .by_name(name)
-        .or_else(|| agent.workloads.by_uid(name))
-        .or_else(|| name.parse().ok().and_then(|ip| agent.workloads.by_ip(ip)))
+        .or_else(|| workloads.by_uid(name))
+        .or_else(|| name.parse().ok().and_then(|ip| workloads.by_ip(ip)))
 }
 
-pub fn check(agent: &NodeAgent, from: &str, to: &str) -> Result<CheckView, ViewError> {
+/// Explains a connection against `workloads` (the agent's, or a config dump's).
+pub fn check(workloads: &Workloads, from: &str, to: &str) -> Result<CheckView, ViewError> {
     let (pod, port) = to
         .rsplit_once(':')
         .ok_or_else(|| ViewError::To(to.into()))?;
@@ -159,8 +159,8 @@ pub fn check(agent: &NodeAgent, from: &str, to: &str) -> Result<CheckView, ViewE
         .filter(|p| *p != 0)
         .ok_or_else(|| ViewError::To(to.into()))?;
     let destination =
-        find_workload(agent, pod).ok_or_else(|| ViewError::UnknownWorkload(pod.into()))?;
-    let set = agent.workloads.policy();
+        find_workload(workloads, pod).ok_or_else(|| ViewError::UnknownWorkload(pod.into()))?;
+    let set = workloads.policy();
     // The source: a mesh workload (its identity and address), a bare identity, or an address
     // (a mesh workload's, or one outside the mesh: plaintext).
     let (label, identity, ip): (String, Option<SpiffeId>, Option<IpAddr>) =
@@ -170,7 +170,7 @@ pub fn check(agent: &NodeAgent, from: &str, to: &str) -> Result<CheckView, ViewE
                 source,
             })?;
             (from.to_string(), Some(id), None)
-        } else if let Some(w) = find_workload(agent, from) {
+        } else if let Some(w) = find_workload(workloads, from) {
             (
                 w.display_name(),
                 Some(w.identity.clone()),
@@ -207,13 +207,18 @@ pub fn check(agent: &NodeAgent, from: &str, to: &str) -> Result<CheckView, ViewE
     })
 }
 
-/// One live inbound connection.
+/// One live connection.
 #[derive(Debug, serde::Serialize)]
 pub struct ConnectionView {
     pub id: u64,
+    pub direction: crate::connections::Direction,
     pub pod: String,
     pub transport: Transport,
     pub source_identity: Option<String>,
+    pub destination_identity: Option<String>,
+    /// Bytes from the source so far, and back to it.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
     pub source: String,
     pub destination: String,
     pub age_seconds: u64,
@@ -227,6 +232,10 @@ pub fn connections(agent: &NodeAgent) -> Vec<ConnectionView> {
         .into_iter()
         .map(|c| ConnectionView {
             id: c.id,
+            direction: c.direction,
+            destination_identity: c.destination_identity.as_ref().map(ToString::to_string),
+            bytes_sent: c.bytes.from_source.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_received: c.bytes.to_source.load(std::sync::atomic::Ordering::Relaxed),
             pod: c.pod.clone(),
             transport: c.transport,
             source_identity: c.source_identity.as_ref().map(ToString::to_string),
@@ -238,4 +247,193 @@ pub fn connections(agent: &NodeAgent) -> Vec<ConnectionView> {
                 .unwrap_or(0),
         })
         .collect()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One identity this node holds.
+#[derive(Debug, serde::Serialize)]
+pub struct CertView {
+    pub identity: String,
+    pub pods: usize,
+    /// `valid`, `pending` (no answer from the CA yet) or `expired`.
+    pub state: &'static str,
+    pub serial: Option<String>,
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+    /// Seconds until the agent asks for the next certificate (negative: overdue).
+    pub rotation_in_seconds: Option<i64>,
+    pub issuer_chain: Vec<String>,
+}
+
+pub fn certs(agent: &NodeAgent) -> Vec<CertView> {
+    let now = SystemTime::now();
+    agent
+        .identities
+        .list()
+        .into_iter()
+        .map(|(identity, pods, cert)| match cert {
+            None => CertView {
+                identity: identity.to_string(),
+                pods,
+                state: "pending",
+                serial: None,
+                not_before: None,
+                not_after: None,
+                rotation_in_seconds: None,
+                issuer_chain: vec![],
+            },
+            Some(c) => CertView {
+                identity: identity.to_string(),
+                pods,
+                state: if c.is_valid_at(now) { "valid" } else { "expired" },
+                serial: Some(c.serial.clone()),
+                not_before: Some(unix(c.not_before)),
+                not_after: Some(unix(c.not_after)),
+                rotation_in_seconds: Some(unix(c.renew_at) as i64 - unix(now) as i64),
+                issuer_chain: c.issuer_chain.clone(),
+            },
+        })
+        .collect()
+}
+
+/// One workload of the mesh, as this node knows it.
+#[derive(Debug, serde::Serialize)]
+pub struct WorkloadView {
+    pub workload: String,
+    pub uid: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    pub identity: String,
+    /// Enrolled on this node.
+    pub local: bool,
+    pub mode: Mode,
+}
+
+pub fn workloads(agent: &NodeAgent, pods: &[PodSummary]) -> Vec<WorkloadView> {
+    let set = agent.workloads.policy();
+    agent
+        .workloads
+        .list()
+        .into_iter()
+        .map(|w| WorkloadView {
+            workload: w.display_name(),
+            uid: w.uid.clone(),
+            node: w.node.clone(),
+            ips: w.ips.clone(),
+            identity: w.identity.to_string(),
+            local: pods.iter().any(|p| p.uid == w.uid),
+            mode: set.mode_for(&w, 0).mode,
+        })
+        .collect()
+}
+
+/// Whether the agent can serve its pods: programs attached (always, once the API is up), a
+/// control-plane update applied, every local pod described and holding a valid certificate.
+#[derive(Debug, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reasons: Vec<String>,
+}
+
+pub fn readiness(version: u64, pods: &[PodSummary]) -> Readiness {
+    let mut reasons = Vec::new();
+    if version == 0 {
+        reasons.push("no control-plane update applied yet".to_string());
+    }
+    for pod in pods {
+        match &pod.workload {
+            None => reasons.push(format!("pod {} is not described by the control plane", pod.uid)),
+            Some(w) if !pod.certificate_ready => {
+                reasons.push(format!("pod {} ({w}) has no valid certificate yet", pod.uid))
+            }
+            Some(_) => {}
+        }
+    }
+    Readiness {
+        ready: reasons.is_empty(),
+        reasons,
+    }
+}
+
+/// `meshlet status`.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusView {
+    pub node: String,
+    pub version: &'static str,
+    pub ready: Readiness,
+    pub control_plane_version: u64,
+    pub pods: usize,
+    pub identities: usize,
+    pub connections: usize,
+    pub redirect: crate::redirect::RedirectStats,
+}
+
+pub fn status(agent: &NodeAgent, pods: &[PodSummary]) -> StatusView {
+    StatusView {
+        node: agent.node.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        ready: readiness(agent.workloads.version(), pods),
+        control_plane_version: agent.workloads.version(),
+        pods: pods.len(),
+        identities: agent.identities.list().len(),
+        connections: agent.connections.list().len(),
+        redirect: agent.redirect.stats(),
+    }
+}
+
+/// Everything at once; `meshlet --file` answers from a saved one.
+#[derive(Debug, serde::Serialize)]
+pub struct ConfigDump {
+    pub status: StatusView,
+    pub workloads: Vec<WorkloadView>,
+    pub certs: Vec<CertView>,
+    pub connections: Vec<ConnectionView>,
+    pub policies: PoliciesView,
+    pub pods: Vec<PodSummary>,
+    /// The control-plane update in force, as received.
+    pub discovery: Option<meshlet_proto::v1::DiscoveryResponse>,
+}
+
+pub fn config_dump(agent: &NodeAgent, pods: Vec<PodSummary>) -> ConfigDump {
+    ConfigDump {
+        status: status(agent, &pods),
+        workloads: workloads(agent, &pods),
+        certs: certs(agent),
+        connections: connections(agent),
+        policies: policies(agent, &pods),
+        discovery: agent.workloads.last_update().map(|u| (*u).clone()),
+        pods,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(workload: Option<&str>, certificate_ready: bool) -> PodSummary {
+        PodSummary {
+            uid: "uid-web".into(),
+            netns_path: "/run/netns/web".into(),
+            netns_cookie: 1,
+            workload: workload.map(Into::into),
+            identity: None,
+            certificate_ready,
+        }
+    }
+
+    #[test]
+    fn ready_only_after_the_first_update_and_with_every_certificate() {
+        let before = readiness(0, &[]);
+        assert!(!before.ready);
+        assert_eq!(before.reasons, ["no control-plane update applied yet"]);
+        assert!(readiness(1, &[]).ready);
+        assert!(!readiness(1, &[pod(None, false)]).ready);
+        assert!(!readiness(1, &[pod(Some("default/web"), false)]).ready);
+        assert!(readiness(1, &[pod(Some("default/web"), true)]).ready);
+    }
 }

@@ -42,6 +42,10 @@ pub struct WorkloadCertificate {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub serial: String,
+    /// The issuer's name, then each further certificate's subject up the chain.
+    pub issuer_chain: Vec<String>,
+    /// When the agent will ask for the next certificate (half-life ± 10 %).
+    pub renew_at: SystemTime,
 }
 
 impl WorkloadCertificate {
@@ -130,6 +134,17 @@ impl IdentityStore {
         }
     }
 
+    /// Every identity held, with its state and current certificate (if any).
+    pub fn list(&self) -> Vec<(SpiffeId, usize, Option<Arc<WorkloadCertificate>>)> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.pods, e.current.borrow().clone()))
+            .collect();
+        list.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        list
+    }
+
     /// Makes a fresh key and CSR, has the CA sign it, and checks the answer.
     async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, IdentityError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|source| {
@@ -180,12 +195,24 @@ impl IdentityStore {
             .key_provider
             .load_private_key(key_der)
             .map_err(|e| bad(format!("key not usable by rustls: {e}")))?;
+        let mut issuer_chain = vec![info.issuer.clone()];
+        for cert in chain.iter().skip(1) {
+            if let Ok(i) = crate::tls::leaf_info(cert) {
+                issuer_chain.push(i.issuer);
+            }
+        }
+        let lifetime = info
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or(Duration::from_secs(60));
         Ok(WorkloadCertificate {
             identity: identity.clone(),
             certified_key: Arc::new(CertifiedKey::new(chain, signer)),
             not_before: info.not_before,
             not_after: info.not_after,
             serial: info.serial,
+            issuer_chain,
+            renew_at: info.not_before + lifetime.mul_f64(0.5 * jitter()),
         })
     }
 }
@@ -214,11 +241,7 @@ async fn keep_fresh(
             Ok(cert) => {
                 tracing::info!(target: "audit", %identity, serial = %cert.serial,
                     not_after = %unix_seconds(cert.not_after), "certificate issued to node");
-                let lifetime = cert
-                    .not_after
-                    .duration_since(cert.not_before)
-                    .unwrap_or(Duration::from_secs(60));
-                let renew_at = cert.not_before + lifetime.mul_f64(0.5 * jitter());
+                let renew_at = cert.renew_at;
                 this.metrics.certificate_installed(
                     &identity.to_string(),
                     cert.not_before,
