@@ -10,6 +10,37 @@ use hyper_util::rt::TokioIo;
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// Reads a saved config dump (`meshlet config-dump -o json > FILE`).
+pub fn read_dump(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config dump {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a meshlet config dump (save one with `meshlet config-dump -o json > FILE`)",
+            path.display()
+        )
+    })
+}
+
+/// `meshlet check --file`: the same explanation, from the control-plane update in the dump.
+pub fn check_from_dump(
+    dump: &serde_json::Value,
+    from: &str,
+    to: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let update: meshlet_proto::v1::DiscoveryResponse =
+        serde_json::from_value(dump["discovery"].clone())
+            .context("the dump holds no control-plane update (the agent had none applied)")?;
+    let workloads = crate::discovery::Workloads::default();
+    workloads
+        .apply(&update, &crate::tls::TrustBundle::default())
+        .context("the dump's control-plane update does not validate")?;
+    Ok(serde_json::to_value(crate::admin::views::check(
+        &workloads, from, to,
+    )?)?)
 }
 
 /// GETs `path_and_query` from the admin API and parses the JSON answer.
@@ -190,4 +221,230 @@ pub fn print_check(view: &serde_json::Value) {
         str_of(&d["verdict"]).to_uppercase(),
         str_of(&d["reason"])
     );
+}
+
+fn ts(v: &serde_json::Value) -> String {
+    match v.as_u64() {
+        Some(secs) => {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            humantime_utc(t)
+        }
+        None => "-".into(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` without a date crate.
+fn humantime_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn duration(secs: i64) -> String {
+    let sign = if secs < 0 { "-" } else { "" };
+    let s = secs.unsigned_abs();
+    if s >= 3600 {
+        format!("{sign}{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{sign}{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{sign}{s}s")
+    }
+}
+
+/// `meshlet status`.
+pub fn print_status(v: &serde_json::Value) {
+    let ready = v["ready"]["ready"].as_bool().unwrap_or(false);
+    println!("node:           {}", str_of(&v["node"]));
+    println!("agent version:  {}", str_of(&v["version"]));
+    println!(
+        "ready:          {}",
+        if ready {
+            "yes".to_string()
+        } else {
+            "NO".to_string()
+        }
+    );
+    for reason in v["ready"]["reasons"].as_array().into_iter().flatten() {
+        println!("                - {}", str_of(reason));
+    }
+    println!(
+        "control plane:  version {}",
+        str_of(&v["control_plane_version"])
+    );
+    println!(
+        "local:          {} pods, {} identities, {} live connections",
+        str_of(&v["pods"]),
+        str_of(&v["identities"]),
+        str_of(&v["connections"])
+    );
+    let r = &v["redirect"];
+    println!(
+        "kernel:         {} redirected, {} captured inbound, {} dropped inbound, {} binds refused",
+        str_of(&r["redirected"]),
+        str_of(&r["inbound_captured"]),
+        str_of(&r["inbound_dropped"]),
+        str_of(&r["bind_refused"])
+    );
+}
+
+/// `meshlet workloads`.
+pub fn print_workloads(v: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let ips: Vec<String> = w["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(str_of)
+                .collect();
+            vec![
+                str_of(&w["workload"]),
+                str_of(&w["node"]),
+                ips.join(","),
+                str_of(&w["mode"]),
+                if w["local"].as_bool().unwrap_or(false) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                str_of(&w["identity"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &["WORKLOAD", "NODE", "IPS", "MODE", "LOCAL", "IDENTITY"],
+        &rows,
+    );
+}
+
+/// `meshlet certs`.
+pub fn print_certs(v: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let chain: Vec<String> = c["issuer_chain"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(str_of)
+                .collect();
+            vec![
+                str_of(&c["identity"]),
+                str_of(&c["state"]),
+                str_of(&c["serial"]),
+                ts(&c["not_before"]),
+                ts(&c["not_after"]),
+                c["rotation_in_seconds"]
+                    .as_i64()
+                    .map(duration)
+                    .unwrap_or_else(|| "-".into()),
+                if chain.is_empty() {
+                    "-".into()
+                } else {
+                    chain.join(" ← ")
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "IDENTITY",
+            "STATE",
+            "SERIAL",
+            "NOT BEFORE",
+            "NOT AFTER",
+            "ROTATES IN",
+            "ISSUER CHAIN",
+        ],
+        &rows,
+    );
+}
+
+/// `meshlet connections`.
+pub fn print_connections(v: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                str_of(&c["direction"]),
+                str_of(&c["transport"]),
+                format!("{} {}", str_of(&c["source"]), str_of(&c["source_identity"])),
+                format!(
+                    "{} {}",
+                    str_of(&c["destination"]),
+                    str_of(&c["destination_identity"])
+                ),
+                duration(c["age_seconds"].as_i64().unwrap_or(0)),
+                str_of(&c["bytes_sent"]),
+                str_of(&c["bytes_received"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "DIRECTION",
+            "TRANSPORT",
+            "SOURCE",
+            "DESTINATION",
+            "AGE",
+            "SENT",
+            "RECEIVED",
+        ],
+        &rows,
+    );
+}
+
+/// `meshlet config-dump` as a table: the status, then each section.
+pub fn print_config_dump(v: &serde_json::Value) {
+    print_status(&v["status"]);
+    println!();
+    print_workloads(&v["workloads"]);
+    println!();
+    print_certs(&v["certs"]);
+    println!();
+    print_connections(&v["connections"]);
+    println!();
+    print_policies(&v["policies"]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_durations_read_well() {
+        assert_eq!(
+            humantime_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_528_288)),
+            "2026-11-24T12:58:08Z"
+        );
+        assert_eq!(duration(3725), "1h02m");
+        assert_eq!(duration(-5), "-5s");
+        assert_eq!(query_value("default/api:80"), "default%2Fapi%3A80");
+    }
 }

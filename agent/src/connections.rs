@@ -169,7 +169,10 @@ impl LiveConnections {
         let (close, signal) = watch::channel(None);
         let labels = self.metrics.connection_labels(
             new.direction.as_str(),
-            new.source_identity.as_ref().map(|i| i.to_string()).as_deref(),
+            new.source_identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .as_deref(),
             new.destination_identity
                 .as_ref()
                 .map(|i| i.to_string())

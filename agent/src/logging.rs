@@ -18,8 +18,7 @@ static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 /// Installs the global subscriber. The filter comes from `RUST_LOG`, else `info`.
 pub fn init(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only on a terminal: log files and collectors get plain text.
     let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal());
@@ -39,8 +38,9 @@ pub fn init(format: LogFormat) {
 
 /// Replaces the level filter (same syntax as `RUST_LOG`, e.g. `debug` or `info,access=debug`).
 pub fn set_filter(spec: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(spec)
-        .map_err(|e| format!("{spec:?} is not a log filter (e.g. `debug`, `info,audit=debug`): {e}"))?;
+    let filter = EnvFilter::try_new(spec).map_err(|e| {
+        format!("{spec:?} is not a log filter (e.g. `debug`, `info,audit=debug`): {e}")
+    })?;
     let handle = FILTER
         .get()
         .ok_or_else(|| "logging was not initialised with a reloadable filter".to_string())?;

@@ -22,7 +22,6 @@ struct Cli {
     command: Command,
 }
 
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
@@ -35,6 +34,31 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The agent's health, control-plane version and counts.
+    Status {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// The mesh's workloads as this node knows them.
+    Workloads {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// This node's identities: serial, validity, rotation, issuer chain, state.
+    Certs {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// Live connections: identities, addresses, age and bytes.
+    Connections {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+    /// Everything at once; save it with `-o json > FILE` and read it back with `--file FILE`.
+    ConfigDump {
+        #[command(flatten)]
+        view: ViewArgs,
     },
     /// Show the mTLS mode and authorization policies of each local workload.
     Policies {
@@ -63,6 +87,9 @@ struct ViewArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Answer from a saved config dump instead of a live agent.
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
 }
 
 impl ViewArgs {
@@ -73,9 +100,38 @@ impl ViewArgs {
     ) -> anyhow::Result<()> {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
             Output::Table => table(value),
         }
         Ok(())
+    }
+
+    /// A view: the live agent's `endpoint`, or `section` of the saved dump.
+    async fn fetch(
+        &self,
+        endpoint: &str,
+        section: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        match &self.file {
+            Some(path) => {
+                let dump = cli::read_dump(path)?;
+                Ok(match section {
+                    Some(key) => dump[key].clone(),
+                    None => dump,
+                })
+            }
+            None => cli::admin_get(self.admin, endpoint).await,
+        }
+    }
+
+    async fn show(
+        &self,
+        endpoint: &str,
+        section: Option<&str>,
+        table: fn(&serde_json::Value),
+    ) -> anyhow::Result<()> {
+        let value = self.fetch(endpoint, section).await?;
+        self.print(&value, table)
     }
 }
 
@@ -85,17 +141,39 @@ async fn main() -> anyhow::Result<()> {
     meshlet_agent::logging::init(cli.log_format);
     match cli.command {
         Command::Agent(config) => run::run(config).await,
+        Command::Status { view } => {
+            view.show("/status", Some("status"), cli::print_status)
+                .await
+        }
+        Command::Workloads { view } => {
+            view.show("/workloads", Some("workloads"), cli::print_workloads)
+                .await
+        }
+        Command::Certs { view } => view.show("/certs", Some("certs"), cli::print_certs).await,
+        Command::Connections { view } => {
+            view.show("/connections", Some("connections"), cli::print_connections)
+                .await
+        }
+        Command::ConfigDump { view } => {
+            view.show("/config_dump", None, cli::print_config_dump)
+                .await
+        }
         Command::Policies { view } => {
-            let value = cli::admin_get(view.admin, "/policies").await?;
-            view.print(&value, cli::print_policies)
+            view.show("/policies", Some("policies"), cli::print_policies)
+                .await
         }
         Command::Check { from, to, view } => {
-            let path = format!(
-                "/check?from={}&to={}",
-                cli::query_value(&from),
-                cli::query_value(&to)
-            );
-            let value = cli::admin_get(view.admin, &path).await?;
+            let value = match &view.file {
+                Some(path) => cli::check_from_dump(&cli::read_dump(path)?, &from, &to)?,
+                None => {
+                    let path = format!(
+                        "/check?from={}&to={}",
+                        cli::query_value(&from),
+                        cli::query_value(&to)
+                    );
+                    cli::admin_get(view.admin, &path).await?
+                }
+            };
             view.print(&value, cli::print_check)
         }
         Command::Pods { node_socket, json } => {

@@ -220,7 +220,12 @@ impl Metrics {
     }
 
     /// Records a certificate that was just installed.
-    pub fn certificate_installed(&self, identity: &str, not_before: SystemTime, not_after: SystemTime) {
+    pub fn certificate_installed(
+        &self,
+        identity: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) {
         let labels = IdentityLabels {
             identity: identity.to_string(),
         };
@@ -248,11 +253,31 @@ impl Metrics {
             let mut seen = self.redirect_seen.lock().unwrap_or_else(|e| e.into_inner());
             for (event, now, before) in [
                 ("redirected", now.redirected, seen.redirected),
-                ("skipped_agent_mark", now.skipped_agent_mark, seen.skipped_agent_mark),
-                ("original_dst_recorded", now.original_dst_recorded, seen.original_dst_recorded),
-                ("refused_no_space", now.refused_no_space, seen.refused_no_space),
-                ("peername_rewritten", now.peername_rewritten, seen.peername_rewritten),
-                ("inbound_captured", now.inbound_captured, seen.inbound_captured),
+                (
+                    "skipped_agent_mark",
+                    now.skipped_agent_mark,
+                    seen.skipped_agent_mark,
+                ),
+                (
+                    "original_dst_recorded",
+                    now.original_dst_recorded,
+                    seen.original_dst_recorded,
+                ),
+                (
+                    "refused_no_space",
+                    now.refused_no_space,
+                    seen.refused_no_space,
+                ),
+                (
+                    "peername_rewritten",
+                    now.peername_rewritten,
+                    seen.peername_rewritten,
+                ),
+                (
+                    "inbound_captured",
+                    now.inbound_captured,
+                    seen.inbound_captured,
+                ),
                 ("inbound_dropped", now.inbound_dropped, seen.inbound_dropped),
                 ("bind_refused", now.bind_refused, seen.bind_refused),
             ] {
@@ -286,7 +311,10 @@ mod tests {
             m.identity_label(Some(&format!("spiffe://td/ns/n/sa/{i}")));
         }
         assert_eq!(m.identity_label(Some("spiffe://td/ns/n/sa/new")), "other");
-        assert_eq!(m.identity_label(Some("spiffe://td/ns/n/sa/1")), "spiffe://td/ns/n/sa/1");
+        assert_eq!(
+            m.identity_label(Some("spiffe://td/ns/n/sa/1")),
+            "spiffe://td/ns/n/sa/1"
+        );
         let labels = m.connection_labels("outbound", Some("spiffe://td/ns/n/sa/1"), None);
         m.connections_opened.get_or_create(&labels).inc();
         let text = m.encode(None).expect("encode");

@@ -421,7 +421,9 @@ pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
     };
     match tls {
         Error::InvalidCertificate(CertificateError::Expired)
-        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "certificate_expired",
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "certificate_expired"
+        }
         Error::InvalidCertificate(CertificateError::NotValidYet)
         | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
             "certificate_not_yet_valid"

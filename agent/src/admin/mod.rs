@@ -130,7 +130,11 @@ async fn ready(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    match state.agent.metrics.encode(Some(state.agent.redirect.stats())) {
+    match state
+        .agent
+        .metrics
+        .encode(Some(state.agent.redirect.stats()))
+    {
         Ok(text) => (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -234,7 +234,10 @@ pub fn connections(agent: &NodeAgent) -> Vec<ConnectionView> {
             id: c.id,
             direction: c.direction,
             destination_identity: c.destination_identity.as_ref().map(ToString::to_string),
-            bytes_sent: c.bytes.from_source.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_sent: c
+                .bytes
+                .from_source
+                .load(std::sync::atomic::Ordering::Relaxed),
             bytes_received: c.bytes.to_source.load(std::sync::atomic::Ordering::Relaxed),
             pod: c.pod.clone(),
             transport: c.transport,
@@ -290,7 +293,11 @@ pub fn certs(agent: &NodeAgent) -> Vec<CertView> {
             Some(c) => CertView {
                 identity: identity.to_string(),
                 pods,
-                state: if c.is_valid_at(now) { "valid" } else { "expired" },
+                state: if c.is_valid_at(now) {
+                    "valid"
+                } else {
+                    "expired"
+                },
                 serial: Some(c.serial.clone()),
                 not_before: Some(unix(c.not_before)),
                 not_after: Some(unix(c.not_after)),
@@ -347,10 +354,14 @@ pub fn readiness(version: u64, pods: &[PodSummary]) -> Readiness {
     }
     for pod in pods {
         match &pod.workload {
-            None => reasons.push(format!("pod {} is not described by the control plane", pod.uid)),
-            Some(w) if !pod.certificate_ready => {
-                reasons.push(format!("pod {} ({w}) has no valid certificate yet", pod.uid))
-            }
+            None => reasons.push(format!(
+                "pod {} is not described by the control plane",
+                pod.uid
+            )),
+            Some(w) if !pod.certificate_ready => reasons.push(format!(
+                "pod {} ({w}) has no valid certificate yet",
+                pod.uid
+            )),
             Some(_) => {}
         }
     }
