@@ -16,6 +16,41 @@ use prometheus_client::{
 
 use crate::redirect::RedirectStats;
 
+/// Every reason `tls::handshake_failure_reason` answers.
+pub const HANDSHAKE_FAILURE_REASONS: &[&str] = &[
+    "io",
+    "certificate_expired",
+    "certificate_not_yet_valid",
+    "unknown_issuer",
+    "revoked",
+    "bad_certificate",
+    "no_certificate",
+    "peer_incompatible",
+    "alert_received",
+    "protocol",
+    "general",
+    "other",
+];
+/// Every reason a certificate request fails for, as counted.
+pub const CA_FAILURE_REASONS: &[&str] = &[
+    "unavailable",
+    "permission_denied",
+    "unauthenticated",
+    "invalid_argument",
+    "deadline_exceeded",
+    "ca_error",
+    "bad_chain",
+    "csr",
+    "other",
+];
+/// Every reason an inbound connection is denied for, as counted.
+pub const DENIAL_REASONS: &[&str] = &[
+    "plaintext_in_strict_mode",
+    "deny_policy",
+    "no_allow_policy_matched",
+    "default_deny",
+];
+
 /// Distinct identity label values before new ones become `other`.
 pub const MAX_IDENTITY_LABELS: usize = 256;
 
@@ -186,6 +221,27 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "The agent's version and node", build);
+        // Known label values start at zero, so that rates and alerts see the series before
+        // the first event (and `absent()` never fires for a healthy agent).
+        for direction in ["inbound", "outbound"] {
+            m.connections_active
+                .get_or_create(&DirectionLabels { direction })
+                .set(0);
+            for &reason in HANDSHAKE_FAILURE_REASONS {
+                m.handshake_failures
+                    .get_or_create(&FailureLabels { direction, reason });
+            }
+        }
+        for &reason in DENIAL_REASONS {
+            m.policy_denials.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
+        for &reason in CA_FAILURE_REASONS {
+            m.ca_failures.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
         Self { registry, ..m }
     }
 

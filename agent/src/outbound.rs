@@ -124,7 +124,11 @@ pub(crate) async fn handle(
         transport: Transport::Mtls,
         source_identity: Some(source_identity.clone()),
         destination_identity: Some(destination.identity.clone()),
-        source: peer,
+        // The app's socket was redirected to loopback; show it with the pod's own address.
+        source: SocketAddr::new(
+            source.ips.first().copied().unwrap_or(peer.ip()),
+            peer.port(),
+        ),
         destination: original,
     });
     let bytes = registration.bytes();

@@ -259,7 +259,15 @@ async fn keep_fresh(
             Err(e) => {
                 let reason = match &e {
                     IdentityError::Ca(super::CaError::Refused { status, .. }) => {
-                        format!("ca_{:?}", status.code()).to_lowercase()
+                        match status.code() {
+                            tonic::Code::Unavailable => "unavailable",
+                            tonic::Code::PermissionDenied => "permission_denied",
+                            tonic::Code::Unauthenticated => "unauthenticated",
+                            tonic::Code::InvalidArgument => "invalid_argument",
+                            tonic::Code::DeadlineExceeded => "deadline_exceeded",
+                            _ => "ca_error",
+                        }
+                        .into()
                     }
                     IdentityError::BadChain { .. } => "bad_chain".into(),
                     IdentityError::Csr { .. } => "csr".into(),
