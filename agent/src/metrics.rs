@@ -229,18 +229,23 @@ impl Metrics {
                 .set(0);
             for &reason in HANDSHAKE_FAILURE_REASONS {
                 m.handshake_failures
-                    .get_or_create(&FailureLabels { direction, reason });
+                    .get_or_create(&FailureLabels { direction, reason })
+                    .inc_by(0);
             }
         }
         for &reason in DENIAL_REASONS {
-            m.policy_denials.get_or_create(&ReasonLabels {
-                reason: reason.into(),
-            });
+            m.policy_denials
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .inc_by(0);
         }
         for &reason in CA_FAILURE_REASONS {
-            m.ca_failures.get_or_create(&ReasonLabels {
-                reason: reason.into(),
-            });
+            m.ca_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .inc_by(0);
         }
         Self { registry, ..m }
     }

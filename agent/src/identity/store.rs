@@ -141,7 +141,7 @@ impl IdentityStore {
             .iter()
             .map(|(id, e)| (id.clone(), e.pods, e.current.borrow().clone()))
             .collect();
-        list.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        list.sort_by_key(|a| a.0.to_string());
         list
     }
 
