@@ -441,7 +441,11 @@ mod tests {
     fn timestamps_and_durations_read_well() {
         assert_eq!(
             humantime_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_528_288)),
-            "2026-11-24T12:58:08Z"
+            "2026-11-24T13:51:28Z"
+        );
+        assert_eq!(
+            humantime_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
         );
         assert_eq!(duration(3725), "1h02m");
         assert_eq!(duration(-5), "-5s");
