@@ -195,47 +195,40 @@ impl PodRegistry {
             server_tls: Mutex::new(None),
         });
         let mut tasks = Vec::new();
-        for socket in sockets.plaintext {
-            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
-                uid: uid.to_string(),
-                addr,
-                source,
-            })?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.agent.clone(),
-                handle.clone(),
-                listener,
+        let listening = self
+            .spawn_accept_loops(
+                &handle,
+                sockets.plaintext,
                 "plaintext",
                 inbound::plaintext::handle,
-            )));
-        }
-        for socket in sockets.outbound {
-            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
+                &mut tasks,
+            )
+            .and_then(|()| {
+                self.spawn_accept_loops(
+                    &handle,
+                    sockets.outbound,
+                    "outbound",
+                    outbound::handle,
+                    &mut tasks,
+                )
+            })
+            .and_then(|()| {
+                self.spawn_accept_loops(
+                    &handle,
+                    sockets.tunnel,
+                    "tunnel",
+                    inbound::tunnel::handle_connection,
+                    &mut tasks,
+                )
+            });
+        if let Err((addr, source)) = listening {
+            tasks.iter().for_each(JoinHandle::abort);
+            self.release_capture(&handle, &[]);
+            return Err(PodError::Listen {
                 uid: uid.to_string(),
                 addr,
                 source,
-            })?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.agent.clone(),
-                handle.clone(),
-                listener,
-                "outbound",
-                outbound::handle,
-            )));
-        }
-        for socket in sockets.tunnel {
-            let listener = into_listener(socket).map_err(|(addr, source)| PodError::Listen {
-                uid: uid.to_string(),
-                addr,
-                source,
-            })?;
-            tasks.push(tokio::spawn(accept_loop(
-                self.agent.clone(),
-                handle.clone(),
-                listener,
-                "tunnel",
-                inbound::tunnel::handle_connection,
-            )));
+            });
         }
         // Enroll last: from here on the pod's connects come to listeners that exist.
         if let Err(source) = self.agent.redirect.enroll(sockets.cookie) {
@@ -305,6 +298,32 @@ impl PodRegistry {
             .collect();
         list.sort_by(|a, b| a.uid.cmp(&b.uid));
         list
+    }
+
+    /// Starts one accept loop per listener socket, each handing connections to `handle`.
+    fn spawn_accept_loops<F, Fut>(
+        &self,
+        pod: &Arc<PodHandle>,
+        sockets: Vec<Socket>,
+        which: &'static str,
+        handle: F,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Result<(), (SocketAddr, std::io::Error)>
+    where
+        F: Fn(Arc<NodeAgent>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut + Copy + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        for socket in sockets {
+            let listener = into_listener(socket)?;
+            tasks.push(tokio::spawn(accept_loop(
+                self.agent.clone(),
+                pod.clone(),
+                listener,
+                which,
+                handle,
+            )));
+        }
+        Ok(())
     }
 
     /// Points the kernel's inbound capture for the pod's addresses at its plaintext listeners.

@@ -120,19 +120,22 @@ fn audit(
         dst_workload = %destination.display_name(), dst_port = target.port(),
         mode = %decision.mode.mode, mode_source = %decision.mode.source,
         policy = %policy, rule, reason = %decision.reason, "authorization decision");
-    for hit in &decision.dry_run {
-        tracing::info!(target: "audit", event, decision = "dry_run", transport,
-            src_identity = %src_identity, src_ip = %source.ip(),
-            dst_workload = %destination.display_name(), dst_port = target.port(),
-            policy = %hit.policy, rule = hit.rule.map(|r| r as i64).unwrap_or(-1),
-            reason = "a dry-run policy would have denied this connection", "authorization decision");
-    }
-    for hit in &decision.audited {
-        tracing::info!(target: "audit", event, decision = "audit", transport,
-            src_identity = %src_identity, src_ip = %source.ip(),
-            dst_workload = %destination.display_name(), dst_port = target.port(),
-            policy = %hit.policy, rule = hit.rule.map(|r| r as i64).unwrap_or(-1),
-            reason = "matched an AUDIT policy", "authorization decision");
+    let extra = [
+        (
+            &decision.dry_run,
+            "dry_run",
+            "a dry-run policy would have denied this connection",
+        ),
+        (&decision.audited, "audit", "matched an AUDIT policy"),
+    ];
+    for (hits, kind, reason) in extra {
+        for hit in hits {
+            tracing::info!(target: "audit", event, decision = kind, transport,
+                src_identity = %src_identity, src_ip = %source.ip(),
+                dst_workload = %destination.display_name(), dst_port = target.port(),
+                policy = %hit.policy, rule = hit.rule.map(|r| r as i64).unwrap_or(-1),
+                reason, "authorization decision");
+        }
     }
 }
 
