@@ -20,7 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // The whole discovery update too, so that a config dump carries what the agent applied.
-    for message in ["DiscoveryResponse", "Workload"] {
+    for message in ["DiscoveryResponse", "Workload", "FederatedBundle"] {
         config = config.type_attribute(
             format!(".meshlet.v1.{message}"),
             "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default)]",

@@ -1,12 +1,17 @@
 //! The control plane's certificate authority: signs workload certificates with an
 //! intermediate, deciding every field itself.
-use std::time::Duration;
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
+
+use crate::pki::Signer;
 
 /// Why a certificate was not issued.
 #[derive(Debug, thiserror::Error)]
@@ -43,58 +48,82 @@ fn valid_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
-/// A signing intermediate, its chain and the roots that anchor it.
+/// Signs workload certificates with the current signer (swapped in place when the operator's
+/// files change).
 pub struct CertificateAuthority {
     trust_domain: String,
-    issuer: Issuer<'static, KeyPair>,
-    /// Intermediate (PEM), appended after every leaf.
-    intermediate_pem: String,
-    roots_pem: Vec<String>,
+    signer: RwLock<Arc<Signer>>,
     max_lifetime: Duration,
 }
 
-impl CertificateAuthority {
-    /// A throwaway root and intermediate for development and the lab.
-    pub fn generate_dev(trust_domain: &str, max_lifetime: Duration) -> Result<Self, CaError> {
-        let now = OffsetDateTime::now_utc();
-        let root_key = KeyPair::generate().map_err(CaError::Signing)?;
-        let mut root_params = CertificateParams::default();
-        root_params.distinguished_name = name(&format!("meshlet dev root ({trust_domain})"));
-        root_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        root_params.not_before = now - Duration::from_secs(60);
-        root_params.not_after = now + Duration::from_secs(365 * 24 * 3600);
-        let root_cert = root_params
-            .self_signed(&root_key)
-            .map_err(CaError::Signing)?;
-        let root_issuer = Issuer::new(root_params, root_key);
+/// A certificate the CA issued.
+pub struct Issued {
+    /// Leaf first, then the signer's chain; PEM each.
+    pub chain_pem: Vec<String>,
+    /// Hex serial of the leaf.
+    pub serial: String,
+    pub lifetime: Duration,
+}
 
-        let int_key = KeyPair::generate().map_err(CaError::Signing)?;
-        let mut int_params = CertificateParams::default();
-        int_params.distinguished_name = name(&format!("meshlet dev intermediate ({trust_domain})"));
-        int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        int_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        int_params.not_before = now - Duration::from_secs(60);
-        int_params.not_after = now + Duration::from_secs(180 * 24 * 3600);
-        int_params.use_authority_key_identifier_extension = true;
-        let int_cert = int_params
-            .signed_by(&int_key, &root_issuer)
-            .map_err(CaError::Signing)?;
-        Ok(Self {
+/// The shortest certificate the CA issues.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The fields of every workload certificate: decided here, never taken from a CSR. One
+/// critical URI SAN (the subject is empty), not a CA, digitalSignature only, serverAuth +
+/// clientAuth, and a lifetime that does not outlive the signer.
+pub fn leaf_params(
+    identity: &str,
+    lifetime: Duration,
+    signer_not_after: OffsetDateTime,
+) -> Result<CertificateParams, rcgen::Error> {
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    // A little backdating absorbs clock skew between nodes.
+    params.not_before = now - Duration::from_secs(60);
+    params.not_after = (now + lifetime).min(signer_not_after);
+    params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+impl CertificateAuthority {
+    pub fn new(trust_domain: &str, signer: Signer, max_lifetime: Duration) -> Self {
+        Self {
             trust_domain: trust_domain.to_string(),
-            issuer: Issuer::new(int_params, int_key),
-            intermediate_pem: int_cert.pem(),
-            roots_pem: vec![root_cert.pem()],
+            signer: RwLock::new(Arc::new(signer)),
             max_lifetime,
-        })
+        }
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
-    pub fn roots_pem(&self) -> &[String] {
-        &self.roots_pem
+    fn signer(&self) -> Arc<Signer> {
+        self.signer.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts a newly loaded signer in force; certificates already issued stay valid.
+    pub fn replace_signer(&self, signer: Signer) {
+        *self.signer.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(signer);
+    }
+
+    /// The lifetime granted for a request: the operator's maximum caps it, zero asks for the
+    /// maximum, and nothing is shorter than [`MIN_LIFETIME`].
+    pub fn granted_lifetime(&self, requested: Duration) -> Duration {
+        if requested.is_zero() {
+            self.max_lifetime
+        } else {
+            requested.min(self.max_lifetime).max(MIN_LIFETIME)
+        }
     }
 
     /// Signs `csr_pem` for `identity`. Only the CSR's public key is used; the identity, key
@@ -104,7 +133,7 @@ impl CertificateAuthority {
         csr_pem: &str,
         identity: &str,
         requested: Duration,
-    ) -> Result<Vec<String>, CaError> {
+    ) -> Result<Issued, CaError> {
         if parse_identity(&self.trust_domain, identity).is_none() {
             return Err(CaError::BadIdentity {
                 identity: identity.to_string(),
@@ -112,39 +141,34 @@ impl CertificateAuthority {
             });
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-        let lifetime = if requested.is_zero() {
-            self.max_lifetime
-        } else {
-            requested.min(self.max_lifetime)
-        };
-        let now = OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = identity.to_string().try_into().map_err(CaError::Signing)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        // A little backdating absorbs clock skew between nodes.
-        params.not_before = now - Duration::from_secs(60);
-        params.not_after = now + lifetime;
-        params.serial_number = Some(SerialNumber::from_slice(&rand_serial()));
-        params.use_authority_key_identifier_extension = true;
+        let lifetime = self.granted_lifetime(requested);
+        let signer = self.signer();
+        let params =
+            leaf_params(identity, lifetime, signer.not_after).map_err(CaError::Signing)?;
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex(s.as_ref()))
+            .unwrap_or_default();
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&csr.public_key, &signer.issuer)
             .map_err(CaError::Signing)?;
-        Ok(vec![cert.pem(), self.intermediate_pem.clone()])
+        let mut chain_pem = vec![cert.pem()];
+        chain_pem.extend(signer.chain_pem.iter().cloned());
+        Ok(Issued {
+            chain_pem,
+            serial,
+            lifetime,
+        })
     }
 }
 
-fn name(common_name: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "meshlet");
-    dn.push(DnType::CommonName, common_name);
-    dn
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// 16 random bytes with the top bit clear (serials are positive integers).
@@ -170,6 +194,7 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{BasicConstraints, KeyPair};
 
     #[test]
     fn identity_parsing() {
@@ -184,8 +209,8 @@ mod tests {
 
     #[test]
     fn signs_only_what_the_ca_decides() {
-        let ca = CertificateAuthority::generate_dev("cluster.local", Duration::from_secs(3600))
-            .expect("ca");
+        let (signer, _) = crate::pki::generate_dev("cluster.local").expect("dev pki");
+        let ca = CertificateAuthority::new("cluster.local", signer, Duration::from_secs(3600));
         let key = KeyPair::generate().expect("key");
         // The CSR asks for CA:true and an extra DNS name; neither may appear.
         let mut req = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
@@ -201,7 +226,8 @@ mod tests {
                 "spiffe://cluster.local/ns/default/sa/web",
                 Duration::from_secs(10 * 365 * 24 * 3600),
             )
-            .expect("sign");
+            .expect("sign")
+            .chain_pem;
         assert_eq!(chain.len(), 2);
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes())
             .map(|c: rustls_pki_types::CertificateDer<'static>| c)

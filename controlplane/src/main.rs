@@ -10,6 +10,8 @@ use meshlet_proto::v1::{
 
 mod ca;
 mod emergency;
+mod pki;
+mod publish;
 mod registry;
 mod services;
 
@@ -46,11 +48,44 @@ struct Args {
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Generate a throwaway root and intermediate. Never for production.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key", "ca_chain", "trust_roots"])]
     dev: bool,
-    /// Longest certificate lifetime the CA grants, in seconds.
-    #[arg(long, default_value_t = 24 * 3600)]
+    /// The signing certificate: an intermediate CA from your PKI (PEM). Re-read when it
+    /// changes (with the key, chain, roots and CRLs), without a restart.
+    #[arg(long, required_unless_present = "dev", requires_all = ["ca_key", "trust_roots"])]
+    ca_cert: Option<PathBuf>,
+    /// The signing certificate's private key (PKCS#8 PEM).
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Intermediates between the signer and the root (PEM, nearest first), when there are any.
+    #[arg(long)]
+    ca_chain: Option<PathBuf>,
+    /// The roots nodes trust (PEM; several during a CA rotation).
+    #[arg(long)]
+    trust_roots: Option<PathBuf>,
+    /// A certificate revocation list to push to the nodes (PEM; repeatable).
+    #[arg(long = "crl")]
+    crls: Vec<PathBuf>,
+    /// Roots of another trust domain, `DOMAIN=FILE` (repeatable); kept apart from ours.
+    #[arg(long = "federate", value_parser = parse_federation)]
+    federated: Vec<(String, PathBuf)>,
+    /// Accept a self-signed signing certificate (a root) outside --dev. Not for production:
+    /// a root's key then sits online in the control plane.
+    #[arg(long)]
+    allow_self_signed_signer: bool,
+    /// Longest certificate lifetime the CA grants, in seconds (at least 60).
+    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
     max_cert_lifetime: u64,
+}
+
+fn parse_federation(value: &str) -> Result<(String, PathBuf), String> {
+    let (domain, file) = value
+        .split_once('=')
+        .ok_or_else(|| format!("--federate {value:?}: expected DOMAIN=FILE"))?;
+    if domain.is_empty() || file.is_empty() {
+        return Err(format!("--federate {value:?}: expected DOMAIN=FILE"));
+    }
+    Ok((domain.to_string(), PathBuf::from(file)))
 }
 
 #[tokio::main]
@@ -71,32 +106,70 @@ async fn main() -> anyhow::Result<()> {
             "--workloads FILE is required to serve: the registry of workloads and policy"
         );
     };
-    if !args.dev {
-        anyhow::bail!(
-            "meshlet-controlplane needs a signing intermediate from your PKI; loading one from \
-             files is not built yet. Use --dev for a throwaway CA (development and the lab only)."
+    let max_lifetime = Duration::from_secs(args.max_cert_lifetime);
+    let (ca, trust, _trust_sender) = if args.dev {
+        tracing::warn!(
+            "DEV MODE: generated a throwaway root and intermediate; certificates from this \
+             control plane must never be trusted in production (use --ca-cert, --ca-key and \
+             --trust-roots with an intermediate from your PKI)"
         );
-    }
-    tracing::warn!(
-        "DEV MODE: generated a throwaway root and intermediate; certificates from this control \
-         plane must never be trusted in production"
-    );
-    let ca = Arc::new(
-        ca::CertificateAuthority::generate_dev(
+        let (signer, trust) =
+            pki::generate_dev(&args.trust_domain).context("generating the dev CA")?;
+        let ca = Arc::new(ca::CertificateAuthority::new(
             &args.trust_domain,
-            Duration::from_secs(args.max_cert_lifetime),
-        )
-        .context("generating the dev CA")?,
-    );
+            signer,
+            max_lifetime,
+        ));
+        // The dev CA never changes: its sender lives as long as the server.
+        let (tx, rx) = tokio::sync::watch::channel(trust);
+        (ca, rx, tx)
+    } else {
+        let (Some(cert), Some(key), Some(roots)) =
+            (args.ca_cert.clone(), args.ca_key.clone(), args.trust_roots.clone())
+        else {
+            anyhow::bail!("--ca-cert, --ca-key and --trust-roots are required without --dev");
+        };
+        let files = pki::PkiFiles {
+            cert,
+            key,
+            chain: args.ca_chain.clone(),
+            roots,
+            crls: args.crls.clone(),
+            federated: args.federated.iter().cloned().collect(),
+            allow_self_signed: args.allow_self_signed_signer,
+        };
+        let (signer, trust) = pki::load(&files, &args.trust_domain)?;
+        if args.allow_self_signed_signer {
+            tracing::warn!("--allow-self-signed-signer: a self-signed signer is accepted; not for production");
+        }
+        tracing::info!(
+            target: "audit",
+            event = "ca_loaded",
+            signer = %signer.subject,
+            roots = trust.roots_pem.len(),
+            crls = trust.crls_pem.len(),
+            max_lifetime_seconds = args.max_cert_lifetime,
+            "CA loaded from files"
+        );
+        let ca = Arc::new(ca::CertificateAuthority::new(
+            &args.trust_domain,
+            signer,
+            max_lifetime,
+        ));
+        let (tx, rx) = tokio::sync::watch::channel(trust);
+        pki::watch_files(files, args.trust_domain.clone(), ca.clone(), tx.clone());
+        (ca, rx, tx)
+    };
     let registry = registry::watch_file(workloads)?;
+    let published = publish::merge(registry.clone(), trust);
     let router = tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(services::Certificates {
-            ca: ca.clone(),
-            registry: registry.clone(),
-        }))
-        .add_service(DiscoveryServiceServer::new(services::Discovery {
             ca,
             registry,
+        }))
+        .add_service(DiscoveryServiceServer::new(services::Discovery {
+            trust_domain: args.trust_domain.clone(),
+            published,
         }));
     if let Some(path) = args.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(path);

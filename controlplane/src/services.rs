@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     ca::{parse_identity, CertificateAuthority},
+    publish::Published,
     registry::Snapshot,
 };
 
@@ -32,7 +33,7 @@ impl CertificateService for Certificates {
         let Some((namespace, service_account)) =
             parse_identity(self.ca.trust_domain(), &req.identity)
         else {
-            tracing::warn!(target: "audit", node = %req.node, identity = %req.identity, "certificate refused: not a workload identity of this trust domain");
+            tracing::warn!(target: "audit", event = "certificate_refused", node = %req.node, identity = %req.identity, "certificate refused: not a workload identity of this trust domain");
             return Err(Status::invalid_argument(format!(
                 "identity {:?} is not spiffe://{}/ns/<ns>/sa/<sa>",
                 req.identity,
@@ -45,7 +46,7 @@ impl CertificateService for Certificates {
             .borrow()
             .has_pod(&req.node, &namespace, &service_account)
         {
-            tracing::warn!(target: "audit", node = %req.node, identity = %req.identity, "certificate refused: no pod with this service account on the node");
+            tracing::warn!(target: "audit", event = "certificate_refused", node = %req.node, identity = %req.identity, "certificate refused: no pod with this service account on the node");
             return Err(Status::permission_denied(format!(
                 "node {:?} runs no pod with service account {namespace}/{service_account}",
                 req.node
@@ -56,12 +57,23 @@ impl CertificateService for Certificates {
             &req.identity,
             Duration::from_secs(req.lifetime_seconds),
         ) {
-            Ok(chain_pem) => {
-                tracing::info!(target: "audit", node = %req.node, identity = %req.identity, "certificate issued");
-                Ok(Response::new(CreateCertificateResponse { chain_pem }))
+            Ok(issued) => {
+                tracing::info!(
+                    target: "audit",
+                    event = "certificate_issued",
+                    node = %req.node,
+                    identity = %req.identity,
+                    serial = %issued.serial,
+                    requested_seconds = req.lifetime_seconds,
+                    lifetime_seconds = issued.lifetime.as_secs(),
+                    "certificate issued"
+                );
+                Ok(Response::new(CreateCertificateResponse {
+                    chain_pem: issued.chain_pem,
+                }))
             }
             Err(e) => {
-                tracing::warn!(target: "audit", node = %req.node, identity = %req.identity, error = %e, "certificate refused");
+                tracing::warn!(target: "audit", event = "certificate_refused", node = %req.node, identity = %req.identity, error = %e, "certificate refused");
                 Err(Status::invalid_argument(e.to_string()))
             }
         }
@@ -70,8 +82,8 @@ impl CertificateService for Certificates {
 
 /// Streams each node its view of the mesh.
 pub struct Discovery {
-    pub ca: Arc<CertificateAuthority>,
-    pub registry: watch::Receiver<Snapshot>,
+    pub trust_domain: String,
+    pub published: watch::Receiver<Published>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
@@ -96,25 +108,16 @@ impl DiscoveryService for Discovery {
             };
         tracing::info!(%node, "node connected to discovery");
         let (tx, rx) = mpsc::channel(4);
-        let mut registry = self.registry.clone();
-        let ca = self.ca.clone();
+        let mut published = self.published.clone();
+        let trust_domain = self.trust_domain.clone();
         let push_node = node.clone();
         tokio::spawn(async move {
             loop {
-                let snapshot = registry.borrow_and_update().clone();
-                let response = DiscoveryResponse {
-                    version: snapshot.version,
-                    workloads: snapshot.workloads,
-                    trust_roots_pem: ca.roots_pem().to_vec(),
-                    trust_domain: ca.trust_domain().to_string(),
-                    mesh: Some(snapshot.mesh),
-                    modes: snapshot.modes,
-                    policies: snapshot.policies,
-                };
+                let response = published.borrow_and_update().response(&trust_domain);
                 if tx.send(Ok(response)).await.is_err() {
                     break;
                 }
-                if registry.changed().await.is_err() {
+                if published.changed().await.is_err() {
                     break;
                 }
             }
