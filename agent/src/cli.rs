@@ -234,7 +234,7 @@ fn ts(v: &serde_json::Value) -> String {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` without a date crate.
-fn humantime_utc(t: std::time::SystemTime) -> String {
+pub fn humantime_utc(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -167,7 +167,8 @@ impl Workloads {
         }
         let mut snapshot = validate(update)?;
         snapshot.update = Some(Arc::new(update.clone()));
-        bundle.replace(&update.trust_roots_pem)?;
+        let trust = crate::tls::BundleState::from_update(update)?;
+        bundle.replace(trust);
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         self.changed.send_replace(update.version);
         Ok(())

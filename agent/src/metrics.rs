@@ -25,11 +25,23 @@ pub const HANDSHAKE_FAILURE_REASONS: &[&str] = &[
     "revoked",
     "bad_certificate",
     "no_certificate",
+    "tls_version",
     "peer_incompatible",
     "alert_received",
     "protocol",
     "general",
     "other",
+    // tls::Rejection::REASONS not above
+    "bad_san",
+    "bad_spiffe_id",
+    "unknown_trust_domain",
+    "ca_leaf",
+    "leaf_key_usage",
+    "extended_key_usage",
+    "weak_key",
+    "crl_expired",
+    "bad_chain",
+    "identity_mismatch",
 ];
 /// Every reason a certificate request fails for, as counted.
 pub const CA_FAILURE_REASONS: &[&str] = &[

@@ -1,11 +1,9 @@
 //! Everything the agent on one node shares between its tasks.
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
-
 use crate::{
     connections::LiveConnections, discovery::Workloads, identity::IdentityStore,
-    redirect::Redirect, tls::TrustBundle, tunnel::Pool,
+    redirect::Redirect, tls::{TlsSettings, TrustBundle}, tunnel::Pool,
 };
 
 /// What to do with a connection to an address that is no known workload.
@@ -24,7 +22,7 @@ pub struct NodeAgent {
     pub workloads: Arc<Workloads>,
     pub identities: Arc<IdentityStore>,
     pub bundle: Arc<TrustBundle>,
-    pub provider: Arc<CryptoProvider>,
+    pub tls: Arc<TlsSettings>,
     pub pool: Pool,
     pub unknown_destination: UnknownDestination,
     /// Live inbound connections, re-checked when the policy changes.

@@ -74,7 +74,7 @@ pub(crate) async fn handle(
     };
     let connect = || async {
         let config = tls::client_config(
-            agent.provider.clone(),
+            &agent.tls,
             agent.bundle.clone(),
             agent.identities.clone(),
             source_identity.clone(),

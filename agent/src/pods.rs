@@ -78,7 +78,7 @@ impl PodHandle {
             }
         }
         let config = crate::tls::server_config(
-            agent.provider.clone(),
+            &agent.tls,
             agent.bundle.clone(),
             agent.identities.clone(),
             identity.clone(),

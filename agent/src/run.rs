@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// address, so that kubelet probes reach STRICT pods). Repeatable.
     #[arg(long = "capture-exempt-source", value_name = "IP")]
     pub capture_exempt_sources: Vec<std::net::IpAddr>,
+    /// Also accept TLS 1.2 on tunnels (ECDHE with AEAD suites only), for peers that cannot
+    /// speak 1.3. Off by default: TLS 1.3 only.
+    #[arg(long)]
+    pub allow_tls12: bool,
     /// The admin API (JSON views for the `meshlet` CLI); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
@@ -67,14 +71,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let control_plane =
         channel::connect_lazy(&config.control_plane).context("control-plane address")?;
-    let provider = tls::provider();
+    let tls_settings = Arc::new(tls::TlsSettings::new(config.allow_tls12));
+    if config.allow_tls12 {
+        tracing::warn!("--allow-tls12: tunnels also accept TLS 1.2 (ECDHE AEAD suites only)");
+    }
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.node));
     let identities = Arc::new(IdentityStore::new(
         Arc::new(GrpcCaClient::new(
             control_plane.clone(),
             config.node.clone(),
         )),
-        provider.clone(),
+        tls_settings.provider.clone(),
         Duration::from_secs(config.cert_lifetime),
         metrics.clone(),
     ));
@@ -86,7 +93,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         workloads: workloads.clone(),
         identities,
         bundle: bundle.clone(),
-        provider,
+        tls: tls_settings,
         pool: Pool::new(config.max_streams_per_connection),
         unknown_destination: config.unknown_destination,
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
