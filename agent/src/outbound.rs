@@ -83,6 +83,8 @@ pub(crate) async fn handle(
         let connector = TunnelConnector {
             netns: &pod.netns,
             tls: config,
+            bundle: agent.bundle.clone(),
+            provider: agent.tls.provider.clone(),
         };
         match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
             Ok(result) => result,

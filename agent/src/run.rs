@@ -99,6 +99,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),
     });
+    // Every new trust bundle: renew what the new bundle or signer makes stale.
+    {
+        let identities = agent.identities.clone();
+        let bundle = bundle.clone();
+        let mut revisions = bundle.subscribe();
+        tokio::spawn(async move {
+            while revisions.changed().await.is_ok() {
+                identities.recheck(&bundle.current());
+            }
+        });
+    }
     tokio::spawn(discovery::follow(
         control_plane,
         config.node.clone(),

@@ -28,6 +28,8 @@ pub struct LabOptions {
     pub agent_args: Vec<String>,
     /// Certificate lifetime asked for, seconds.
     pub cert_lifetime: u64,
+    /// Extra arguments for the control plane (e.g. `--max-cert-lifetime`).
+    pub controlplane_args: Vec<String>,
 }
 
 impl LabOptions {
@@ -37,6 +39,7 @@ impl LabOptions {
             trust_domain: "cluster.local".into(),
             agent_args: Vec::new(),
             cert_lifetime: 3600,
+            controlplane_args: Vec::new(),
         }
     }
 }
@@ -254,9 +257,14 @@ impl Lab {
                 );
             }
         }
+        // The control plane runs as in production: an intermediate from "the organisation's
+        // PKI", never a self-signed signer.
+        let pki = crate::pki::LabPki::create(&state_path("pki"), &options.trust_domain)?;
         let log = std::fs::File::create(&topo.controlplane_log)?;
         let mut cp = Command::new(&cp_bin);
-        cp.args(["--dev", "--listen"])
+        cp.args(pki.controlplane_args())
+            .args(&options.controlplane_args)
+            .arg("--listen")
             .arg(format!("unix:{}", topo.controlplane_socket))
             .arg("--workloads")
             .arg(&topo.workloads_file)
@@ -431,6 +439,13 @@ impl Lab {
             .node(node)
             .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
             .unwrap_or_default()
+    }
+
+    /// The lab's PKI files (to craft certificates and CRLs in tests).
+    pub fn pki(&self) -> crate::pki::LabPki {
+        crate::pki::LabPki {
+            dir: state_path("pki"),
+        }
     }
 
     pub fn runtime(&self) -> &tokio::runtime::Runtime {

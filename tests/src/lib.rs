@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod pki;
 pub mod topology;
 
 pub use lab::{cleanup, Lab, LabOptions};

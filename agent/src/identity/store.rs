@@ -11,7 +11,10 @@ use rcgen::{
 };
 use rustls::{crypto::CryptoProvider, sign::CertifiedKey};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
 
 use super::{CaClient, SpiffeId};
 
@@ -57,6 +60,8 @@ impl WorkloadCertificate {
 struct Entry {
     pods: usize,
     current: watch::Receiver<Option<Arc<WorkloadCertificate>>>,
+    /// Wakes the renewal task before its time (CA rotated, certificate revoked).
+    renew_now: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -95,12 +100,15 @@ impl IdentityStore {
         let (tx, rx) = watch::channel(None);
         let store = Arc::downgrade(self);
         let id = identity.clone();
-        let task = tokio::spawn(async move { keep_fresh(store, id, tx).await });
+        let renew_now = Arc::new(Notify::new());
+        let wake = renew_now.clone();
+        let task = tokio::spawn(async move { keep_fresh(store, id, tx, wake).await });
         entries.insert(
             identity.clone(),
             Entry {
                 pods: 1,
                 current: rx,
+                renew_now,
                 task,
             },
         );
@@ -131,6 +139,38 @@ impl IdentityStore {
             None => Err(IdentityError::NotReady(identity.clone())),
             Some(cert) if cert.is_valid_at(SystemTime::now()) => Ok(cert),
             Some(_) => Err(IdentityError::Expired(identity.clone())),
+        }
+    }
+
+    /// After the trust bundle changed: renews at once every certificate that was issued by
+    /// another signer than the CA's current one (a CA rotation) or that no longer passes our
+    /// own verifier (revoked, its root withdrawn). Peers would refuse it.
+    pub fn recheck(&self, bundle: &crate::tls::BundleState) {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        for (identity, entry) in entries.iter() {
+            let Some(cert) = entry.current.borrow().clone() else {
+                continue;
+            };
+            let chain = &cert.certified_key.cert;
+            let why = if !bundle.signer_chain.is_empty()
+                && chain.get(1) != bundle.signer_chain.first()
+            {
+                Some("the CA signs with a new signer".to_string())
+            } else {
+                crate::tls::verify::still_trusted(
+                    &self.provider,
+                    bundle,
+                    chain,
+                    crate::tls::Purpose::ClientAuth,
+                )
+                .err()
+                .map(|r| format!("our certificate no longer passes: {r}"))
+            };
+            if let Some(why) = why {
+                tracing::info!(target: "audit", event = "certificate_renewal_forced", %identity,
+                    serial = %cert.serial, reason = %why, "renewing the certificate now");
+                entry.renew_now.notify_one();
+            }
         }
     }
 
@@ -231,6 +271,7 @@ async fn keep_fresh(
     store: std::sync::Weak<IdentityStore>,
     identity: SpiffeId,
     tx: watch::Sender<Option<Arc<WorkloadCertificate>>>,
+    renew_now: Arc<Notify>,
 ) {
     const FIRST_RETRY: Duration = Duration::from_millis(500);
     const MAX_RETRY: Duration = Duration::from_secs(120);
@@ -254,7 +295,10 @@ async fn keep_fresh(
                 let wait = renew_at
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::from_secs(1));
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = renew_now.notified() => {}
+                }
             }
             Err(e) => {
                 let reason = match &e {
@@ -277,7 +321,7 @@ async fn keep_fresh(
                     .ca_failures
                     .get_or_create(&crate::metrics::ReasonLabels { reason })
                     .inc();
-                tracing::warn!(target: "audit", %identity, error = %e, retry_in = ?retry, "certificate request failed");
+                tracing::warn!(target: "audit", event = "certificate_request_failed", %identity, error = %e, retry_in = ?retry, "certificate request failed");
                 drop(this);
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(MAX_RETRY);

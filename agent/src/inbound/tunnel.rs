@@ -59,6 +59,18 @@ pub(crate) async fn handle_connection(
     };
     tracing::info!(dst_workload = %local.display_name(), %peer, src_identity = %peer_identity,
         "accepted mTLS tunnel connection");
+    let client_chain: Vec<_> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let untrusted = tls::verify::until_untrusted(
+        agent.tls.provider.clone(),
+        agent.bundle.clone(),
+        client_chain,
+        tls::Purpose::ClientAuth,
+    );
     let mut connection = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -72,7 +84,21 @@ pub(crate) async fn handle_connection(
             return;
         }
     };
-    while let Some(request) = connection.accept().await {
+    // Dropping the connection when the client's chain stops passing (a pushed CRL revokes
+    // it, it expires) closes the TLS connection and every stream on it.
+    tokio::pin!(untrusted);
+    loop {
+        let request = tokio::select! {
+            request = connection.accept() => request,
+            rejection = &mut untrusted => {
+                tracing::warn!(target: "audit", event = "tunnel_closed", direction = "inbound",
+                    dst_workload = %local.display_name(), %peer, src_identity = %peer_identity,
+                    reason = rejection.reason(),
+                    "closed a live tunnel: the client's certificate is no longer trusted: {rejection}");
+                return;
+            }
+        };
+        let Some(request) = request else { break };
         match request {
             Ok((request, respond)) => {
                 tokio::spawn(handle_stream(

@@ -405,6 +405,43 @@ pub fn still_trusted(
         .map_err(|mut reasons| reasons.drain(..).next().unwrap_or(Rejection::NoCertificate))
 }
 
+/// Resolves when a live connection's peer chain stops passing: at every bundle change (a
+/// new CRL, roots taken away) and when a certificate of the chain runs out. The connection
+/// that awaits this closes then, so a revocation reaches tunnels that are already open.
+pub async fn until_untrusted(
+    provider: Arc<CryptoProvider>,
+    bundle: Arc<TrustBundle>,
+    chain: Vec<CertificateDer<'static>>,
+    purpose: Purpose,
+) -> Rejection {
+    let mut revisions = bundle.subscribe();
+    revisions.borrow_and_update();
+    let expiry = chain
+        .iter()
+        .filter_map(|c| X509Certificate::from_der(c).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
+        .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64) + CLOCK_SKEW);
+    loop {
+        let wait = expiry
+            .map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+            .unwrap_or(Duration::from_secs(24 * 3600))
+            + Duration::from_millis(10);
+        tokio::select! {
+            changed = revisions.changed() => {
+                if changed.is_err() {
+                    // The agent is shutting down; nothing will change any more.
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if let Err(rejection) = still_trusted(&provider, &bundle.current(), &chain, purpose) {
+            return rejection;
+        }
+    }
+}
+
 /// The [`Rejection`] inside a failed handshake's error, when a verifier made it.
 pub fn rejection_of(error: &rustls::Error) -> Option<&Rejection> {
     match error {

@@ -15,12 +15,20 @@ use tokio::net::TcpSocket;
 use super::{
     pool::PooledConnection, TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
-use crate::netns::Netns;
+use crate::{
+    netns::Netns,
+    tls::{verify, Purpose, TrustBundle},
+};
+use rustls::crypto::CryptoProvider;
 
 /// Makes new tunnel connections for one source pod.
 pub struct TunnelConnector<'a> {
     pub netns: &'a Netns,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The bundle the server was verified against: the connection closes when the server's
+    /// chain stops passing it (revoked, expired).
+    pub bundle: Arc<TrustBundle>,
+    pub provider: Arc<CryptoProvider>,
 }
 
 impl TunnelConnector<'_> {
@@ -52,6 +60,12 @@ impl TunnelConnector<'_> {
                 addr: endpoint,
                 source,
             })?;
+        let server_chain: Vec<_> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -65,9 +79,23 @@ impl TunnelConnector<'_> {
             })?;
         let closed = Arc::new(AtomicBool::new(false));
         let flag = closed.clone();
+        let untrusted = verify::until_untrusted(
+            self.provider.clone(),
+            self.bundle.clone(),
+            server_chain,
+            Purpose::ServerAuth,
+        );
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%endpoint, "tunnel connection ended: {e}");
+            tokio::select! {
+                result = connection => if let Err(e) = result {
+                    tracing::debug!(%endpoint, "tunnel connection ended: {e}");
+                },
+                rejection = untrusted => {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                    tracing::warn!(target: "audit", event = "tunnel_closed", direction = "outbound",
+                        %endpoint, reason = rejection.reason(),
+                        "closed a live tunnel: the server's certificate is no longer trusted: {rejection}");
+                }
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
         });
