@@ -2,8 +2,12 @@
 use std::sync::Arc;
 
 use crate::{
-    connections::LiveConnections, discovery::Workloads, identity::IdentityStore,
-    redirect::Redirect, tls::{TlsSettings, TrustBundle}, tunnel::Pool,
+    connections::LiveConnections,
+    discovery::Workloads,
+    identity::IdentityStore,
+    redirect::Redirect,
+    tls::{TlsSettings, TrustBundle},
+    tunnel::Pool,
 };
 
 /// What to do with a connection to an address that is no known workload.

@@ -15,7 +15,7 @@ use crate::{
     pods::PodHandle,
     policy::{Mode, Transport},
     tls,
-    tunnel::{self, copy, PoolKey, TunnelConnector},
+    tunnel::{self, copy, Credentials, PoolKey, TunnelConnector},
 };
 
 /// One redirected connection from an app in the pod.
@@ -60,11 +60,31 @@ pub(crate) async fn handle(
         return;
     }
     let source_identity = source.identity.clone();
-    if let Err(e) = agent.identities.current(&source_identity) {
-        tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-            dst = %original, outcome = "refused", reason = %e);
-        return;
-    }
+    let own_certificate = match agent.identities.current(&source_identity) {
+        Ok(cert) => cert,
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+                dst = %original, outcome = "refused", reason = %e);
+            return;
+        }
+    };
+    let client_leaf = own_certificate
+        .certified_key
+        .cert
+        .first()
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let signer = agent
+        .bundle
+        .current()
+        .signer_chain
+        .first()
+        .map(|c| c.to_vec());
+    // New streams only on a connection made with our current certificate and, once the CA
+    // signs with a new signer, with a server certificate from it.
+    let current = |c: &Credentials| {
+        c.client_leaf == client_leaf && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
+    };
     let endpoint = SocketAddr::new(original.ip(), TUNNEL_PORT);
     let key = PoolKey {
         source_pod: pod.uid.clone(),
@@ -85,13 +105,14 @@ pub(crate) async fn handle(
             tls: config,
             bundle: agent.bundle.clone(),
             provider: agent.tls.provider.clone(),
+            client_leaf: client_leaf.clone(),
         };
         match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
             Ok(result) => result,
             Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
         }
     };
-    let checkout = match agent.pool.checkout(&key, connect).await {
+    let checkout = match agent.pool.checkout(&key, &current, connect).await {
         Ok(c) => c,
         Err(e) => {
             if let tunnel::TunnelError::Handshake { source, .. } = &e {

@@ -6,8 +6,8 @@ use std::{
 };
 
 use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
+    IsCa, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -108,7 +108,10 @@ impl CertificateAuthority {
     }
 
     fn signer(&self) -> Arc<Signer> {
-        self.signer.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.signer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Puts a newly loaded signer in force; certificates already issued stay valid.
@@ -143,8 +146,7 @@ impl CertificateAuthority {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
         let lifetime = self.granted_lifetime(requested);
         let signer = self.signer();
-        let params =
-            leaf_params(identity, lifetime, signer.not_after).map_err(CaError::Signing)?;
+        let params = leaf_params(identity, lifetime, signer.not_after).map_err(CaError::Signing)?;
         let serial = params
             .serial_number
             .as_ref()

@@ -124,9 +124,11 @@ async fn main() -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(trust);
         (ca, rx, tx)
     } else {
-        let (Some(cert), Some(key), Some(roots)) =
-            (args.ca_cert.clone(), args.ca_key.clone(), args.trust_roots.clone())
-        else {
+        let (Some(cert), Some(key), Some(roots)) = (
+            args.ca_cert.clone(),
+            args.ca_key.clone(),
+            args.trust_roots.clone(),
+        ) else {
             anyhow::bail!("--ca-cert, --ca-key and --trust-roots are required without --dev");
         };
         let files = pki::PkiFiles {
@@ -140,7 +142,9 @@ async fn main() -> anyhow::Result<()> {
         };
         let (signer, trust) = pki::load(&files, &args.trust_domain)?;
         if args.allow_self_signed_signer {
-            tracing::warn!("--allow-self-signed-signer: a self-signed signer is accepted; not for production");
+            tracing::warn!(
+                "--allow-self-signed-signer: a self-signed signer is accepted; not for production"
+            );
         }
         tracing::info!(
             target: "audit",

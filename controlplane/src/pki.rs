@@ -149,7 +149,8 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
             path: files.cert.clone(),
         });
     };
-    let signer_der = der_of(&signer_pem).map_err(|e| invalid("signing certificate", &files.cert, e))?;
+    let signer_der =
+        der_of(&signer_pem).map_err(|e| invalid("signing certificate", &files.cert, e))?;
     let (_, signer_cert) = X509Certificate::from_der(&signer_der)
         .map_err(|e| invalid("signing certificate", &files.cert, e))?;
     if !signer_cert.is_ca() {
@@ -168,8 +169,9 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
             ));
         }
     }
-    let not_after = OffsetDateTime::from_unix_timestamp(signer_cert.validity().not_after.timestamp())
-        .map_err(|e| invalid("signing certificate", &files.cert, e))?;
+    let not_after =
+        OffsetDateTime::from_unix_timestamp(signer_cert.validity().not_after.timestamp())
+            .map_err(|e| invalid("signing certificate", &files.cert, e))?;
     if !signer_cert.validity().is_valid() {
         return Err(invalid(
             "signing certificate",
@@ -181,9 +183,7 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
             ),
         ));
     }
-    if signer_cert.subject().as_raw() == signer_cert.issuer().as_raw()
-        && !files.allow_self_signed
-    {
+    if signer_cert.subject().as_raw() == signer_cert.issuer().as_raw() && !files.allow_self_signed {
         return Err(PkiError::SelfSigned {
             path: files.cert.clone(),
         });
@@ -194,7 +194,10 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
         return Err(invalid(
             "signing key",
             &files.key,
-            format!("it is not the key of the signing certificate {}", files.cert.display()),
+            format!(
+                "it is not the key of the signing certificate {}",
+                files.cert.display()
+            ),
         ));
     }
     let subject = signer_cert.subject().to_string();
@@ -219,7 +222,8 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
         let mut found = 0;
         for der in CertificateRevocationListDer::pem_slice_iter(text.as_bytes()) {
             let der = der.map_err(|e| invalid("CRL", path, e))?;
-            let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| invalid("CRL", path, e))?;
+            let (_, crl) =
+                x509_parser::parse_x509_crl(&der).map_err(|e| invalid("CRL", path, e))?;
             if let Some(next) = crl.next_update() {
                 if next.timestamp() < OffsetDateTime::now_utc().unix_timestamp() {
                     // Relayed anyway: the nodes treat an out-of-date CRL as an error (fail
@@ -453,7 +457,9 @@ mod tests {
     /// Writes root, intermediate and its key; answers the files.
     fn write_pki(dir: &Path, tag: &str) -> PkiFiles {
         let root_key = KeyPair::generate().expect("key");
-        let root = ca_params(&format!("{tag} root")).self_signed(&root_key).expect("root");
+        let root = ca_params(&format!("{tag} root"))
+            .self_signed(&root_key)
+            .expect("root");
         let root_issuer = Issuer::new(ca_params(&format!("{tag} root")), root_key);
         let int_key = KeyPair::generate().expect("key");
         let int = ca_params(&format!("{tag} intermediate"))
@@ -501,8 +507,14 @@ mod tests {
         std::fs::write(&files.cert, root.pem()).expect("write");
         std::fs::write(&files.key, key.serialize_pem()).expect("write");
         std::fs::write(&files.roots, root.pem()).expect("write");
-        let err = load(&files, "cluster.local").err().expect("refused").to_string();
-        assert!(err.contains("self-signed") && err.contains("--allow-self-signed-signer"), "{err}");
+        let err = load(&files, "cluster.local")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("self-signed") && err.contains("--allow-self-signed-signer"),
+            "{err}"
+        );
         files.allow_self_signed = true;
         load(&files, "cluster.local").expect("allowed when asked");
     }
@@ -516,13 +528,22 @@ mod tests {
             key: b.key.clone(),
             ..a.clone()
         };
-        let err = load(&wrong_key, "cluster.local").err().expect("refused").to_string();
-        assert!(err.contains("not the key of the signing certificate"), "{err}");
+        let err = load(&wrong_key, "cluster.local")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("not the key of the signing certificate"),
+            "{err}"
+        );
         let wrong_roots = PkiFiles {
             roots: b.roots.clone(),
             ..a.clone()
         };
-        let err = load(&wrong_roots, "cluster.local").err().expect("refused").to_string();
+        let err = load(&wrong_roots, "cluster.local")
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("does not chain to the trust roots"), "{err}");
         let leaf_signer = PkiFiles {
             cert: a.roots.clone(),
@@ -534,7 +555,10 @@ mod tests {
             cert: dir.0.join("nope.pem"),
             ..a
         };
-        let err = load(&missing, "cluster.local").err().expect("refused").to_string();
+        let err = load(&missing, "cluster.local")
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("cannot read signing certificate"), "{err}");
     }
 }

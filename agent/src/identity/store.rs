@@ -152,20 +152,19 @@ impl IdentityStore {
                 continue;
             };
             let chain = &cert.certified_key.cert;
-            let why = if !bundle.signer_chain.is_empty()
-                && chain.get(1) != bundle.signer_chain.first()
-            {
-                Some("the CA signs with a new signer".to_string())
-            } else {
-                crate::tls::verify::still_trusted(
-                    &self.provider,
-                    bundle,
-                    chain,
-                    crate::tls::Purpose::ClientAuth,
-                )
-                .err()
-                .map(|r| format!("our certificate no longer passes: {r}"))
-            };
+            let why =
+                if !bundle.signer_chain.is_empty() && chain.get(1) != bundle.signer_chain.first() {
+                    Some("the CA signs with a new signer".to_string())
+                } else {
+                    crate::tls::verify::still_trusted(
+                        &self.provider,
+                        bundle,
+                        chain,
+                        crate::tls::Purpose::ClientAuth,
+                    )
+                    .err()
+                    .map(|r| format!("our certificate no longer passes: {r}"))
+                };
             if let Some(why) = why {
                 tracing::info!(target: "audit", event = "certificate_renewal_forced", %identity,
                     serial = %cert.serial, reason = %why, "renewing the certificate now");

@@ -60,8 +60,8 @@ fn roots_of(domain: &str, pems: &[String]) -> Result<DomainRoots, TlsError> {
             let anchor = webpki::anchor_from_trusted_cert(&der)
                 .map_err(|e| bad(e.to_string()))?
                 .to_owned();
-            let (_, cert) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| bad(e.to_string()))?;
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
             subjects.push(cert.subject().to_string());
             anchors.push(anchor);
         }

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{crypto::CryptoProvider, pki_types::CertificateDer, SignatureScheme, SupportedProtocolVersion};
+use rustls::{
+    crypto::CryptoProvider, pki_types::CertificateDer, SignatureScheme, SupportedProtocolVersion,
+};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::{IdentityStore, SpiffeId};
@@ -31,7 +33,9 @@ pub enum TlsError {
     BadRoot { domain: String, reason: String },
     #[error("no trust roots for trust domain {0:?}")]
     NoRoots(String),
-    #[error("trust domain {0:?} has two bundles (federated bundles must name other domains, once each)")]
+    #[error(
+        "trust domain {0:?} has two bundles (federated bundles must name other domains, once each)"
+    )]
     DuplicateDomain(String),
     #[error("a CRL is unusable: {0}")]
     BadCrl(String),
@@ -188,7 +192,10 @@ pub fn server_config(
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     #[cfg(feature = "fips")]
-    assert!(config.fips(), "the fips build made a server config that is not FIPS");
+    assert!(
+        config.fips(),
+        "the fips build made a server config that is not FIPS"
+    );
     Ok(Arc::new(config))
 }
 
@@ -216,7 +223,10 @@ pub fn client_config(
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     #[cfg(feature = "fips")]
-    assert!(config.fips(), "the fips build made a client config that is not FIPS");
+    assert!(
+        config.fips(),
+        "the fips build made a client config that is not FIPS"
+    );
     Ok(Arc::new(config))
 }
 

@@ -212,7 +212,9 @@ fn check_leaf_usage(cert: &X509Certificate<'_>, purpose: Purpose, out: &mut Vec<
         out.push(Rejection::CaLeaf);
     }
     match cert.key_usage() {
-        Ok(Some(ku)) if ku.value.key_cert_sign() => out.push(Rejection::LeafKeyUsage("keyCertSign")),
+        Ok(Some(ku)) if ku.value.key_cert_sign() => {
+            out.push(Rejection::LeafKeyUsage("keyCertSign"))
+        }
         Ok(Some(ku)) if ku.value.crl_sign() => out.push(Rejection::LeafKeyUsage("cRLSign")),
         Ok(_) => {}
         Err(e) => out.push(Rejection::Malformed(format!("key usage: {e}"))),
@@ -281,12 +283,14 @@ fn check_path(
         .map_err(|e| Rejection::Malformed(e.to_string()))?;
     let crl_refs: Vec<&webpki::CertRevocationList<'_>> = bundle.crls.iter().collect();
     let verify_at = |at: SystemTime| {
-        let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs).ok().map(|b| {
-            b.with_depth(webpki::RevocationCheckDepth::Chain)
-                .with_status_policy(webpki::UnknownStatusPolicy::Allow)
-                .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
-                .build()
-        });
+        let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+            .ok()
+            .map(|b| {
+                b.with_depth(webpki::RevocationCheckDepth::Chain)
+                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .build()
+            });
         ee.verify_for_usage(
             provider.signature_verification_algorithms.all,
             &roots.anchors,
@@ -316,9 +320,7 @@ fn check_path(
         webpki::Error::CertRevoked => Rejection::Revoked,
         webpki::Error::CrlExpired { .. } => Rejection::CrlExpired,
         webpki::Error::CaUsedAsEndEntity => Rejection::CaLeaf,
-        webpki::Error::RequiredEkuNotFoundContext(_) => {
-            Rejection::ExtendedKeyUsage(purpose.name())
-        }
+        webpki::Error::RequiredEkuNotFoundContext(_) => Rejection::ExtendedKeyUsage(purpose.name()),
         webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
             Rejection::Chain(OUTSIDE_VALIDITY.into())
         }
@@ -424,7 +426,10 @@ pub async fn until_untrusted(
         .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64) + CLOCK_SKEW);
     loop {
         let wait = expiry
-            .map(|t| t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+            .map(|t| {
+                t.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            })
             .unwrap_or(Duration::from_secs(24 * 3600))
             + Duration::from_millis(10);
         tokio::select! {
@@ -736,15 +741,23 @@ mod tests {
         let mut p = leaf_params(ID);
         p.not_after = now - Duration::from_secs(30);
         p.not_before = now - Duration::from_secs(3600);
-        assert!(reasons(&w, &b, issue(&p, &w.int)).is_empty(), "within the 60 s skew");
+        assert!(
+            reasons(&w, &b, issue(&p, &w.int)).is_empty(),
+            "within the 60 s skew"
+        );
         let mut p = leaf_params(ID);
         p.not_before = now + Duration::from_secs(3600);
         p.not_after = now + Duration::from_secs(7200);
-        assert_eq!(reasons(&w, &b, issue(&p, &w.int)), ["certificate_not_yet_valid"]);
+        assert_eq!(
+            reasons(&w, &b, issue(&p, &w.int)),
+            ["certificate_not_yet_valid"]
+        );
 
         let mut p = leaf_params(ID);
         p.subject_alt_names.push(SanType::URI(
-            "spiffe://cluster.local/ns/default/sa/db".try_into().expect("uri"),
+            "spiffe://cluster.local/ns/default/sa/db"
+                .try_into()
+                .expect("uri"),
         ));
         assert_eq!(reasons(&w, &b, issue(&p, &w.int)), ["bad_san"]);
         let mut p = leaf_params(ID);
@@ -766,23 +779,35 @@ mod tests {
             reasons(
                 &w,
                 &b,
-                issue(&leaf_params("spiffe://elsewhere.org/ns/default/sa/web"), &w.int)
+                issue(
+                    &leaf_params("spiffe://elsewhere.org/ns/default/sa/web"),
+                    &w.int
+                )
             ),
             ["unknown_trust_domain"]
         );
         // A cluster.local ID signed by the partner domain's root: not our roots.
         let leaf = issue(&leaf_params(ID), &w.partner);
         let provider = crate::tls::provider(false);
-        let got = check_chain(&provider, &b, &[leaf], SystemTime::now(), Purpose::ClientAuth)
-            .err()
-            .expect("refused");
+        let got = check_chain(
+            &provider,
+            &b,
+            &[leaf],
+            SystemTime::now(),
+            Purpose::ClientAuth,
+        )
+        .err()
+        .expect("refused");
         assert_eq!(got[0].reason(), "unknown_issuer");
 
         let mut p = leaf_params(ID);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         assert!(reasons(&w, &b, issue(&p, &w.int)).contains(&"ca_leaf"));
         let mut p = leaf_params(ID);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
         assert!(reasons(&w, &b, issue(&p, &w.int)).contains(&"leaf_key_usage"));
         let mut p = leaf_params(ID);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::EmailProtection];
@@ -808,7 +833,9 @@ mod tests {
         let w = world();
         let bad_root = BundleState::from_update(&DiscoveryResponse {
             trust_domain: "cluster.local".into(),
-            trust_roots_pem: vec!["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into()],
+            trust_roots_pem: vec![
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+            ],
             ..Default::default()
         });
         assert!(bad_root.is_err());
@@ -821,6 +848,9 @@ mod tests {
             }],
             ..Default::default()
         });
-        assert!(matches!(own_again, Err(crate::tls::TlsError::DuplicateDomain(_))));
+        assert!(matches!(
+            own_again,
+            Err(crate::tls::TlsError::DuplicateDomain(_))
+        ));
     }
 }

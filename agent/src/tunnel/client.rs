@@ -13,7 +13,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 
 use super::{
-    pool::PooledConnection, TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
+    pool::{Credentials, PooledConnection},
+    TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
 use crate::{
     netns::Netns,
@@ -29,6 +30,17 @@ pub struct TunnelConnector<'a> {
     /// chain stops passing it (revoked, expired).
     pub bundle: Arc<TrustBundle>,
     pub provider: Arc<CryptoProvider>,
+    /// The leaf we present (the current certificate of the source identity), DER.
+    pub client_leaf: Vec<u8>,
+}
+
+fn server_chain_issuer(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.get(1))
+        .map(|c| c.to_vec())
+        .unwrap_or_default()
 }
 
 impl TunnelConnector<'_> {
@@ -60,6 +72,10 @@ impl TunnelConnector<'_> {
                 addr: endpoint,
                 source,
             })?;
+        let credentials = Credentials {
+            client_leaf: self.client_leaf.clone(),
+            server_issuer: server_chain_issuer(&tls),
+        };
         let server_chain: Vec<_> = tls
             .get_ref()
             .1
@@ -99,7 +115,7 @@ impl TunnelConnector<'_> {
             }
             flag.store(true, std::sync::atomic::Ordering::Release);
         });
-        Ok(PooledConnection::new(sender, closed))
+        Ok(PooledConnection::new(sender, closed, credentials))
     }
 }
 

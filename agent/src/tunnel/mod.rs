@@ -7,7 +7,7 @@ pub mod pool;
 use std::time::Duration;
 
 pub use client::{open_stream, TunnelConnector};
-pub use pool::{Pool, PoolKey};
+pub use pool::{Credentials, Pool, PoolKey};
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link without
 /// waiting for WINDOW_UPDATEs on every round trip.

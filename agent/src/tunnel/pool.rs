@@ -29,20 +29,37 @@ pub struct PoolKey {
     pub expected: Vec<SpiffeId>,
 }
 
+/// The certificates a tunnel connection was authenticated with. After a rotation, new
+/// streams go on a connection made with the current ones; older connections keep their
+/// streams until those end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// The leaf we presented (DER).
+    pub client_leaf: Vec<u8>,
+    /// The certificate that issued the server's leaf (DER).
+    pub server_issuer: Vec<u8>,
+}
+
 /// One HTTP/2 connection in the pool.
 pub struct PooledConnection {
     sender: h2::client::SendRequest<Bytes>,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
+    credentials: Credentials,
 }
 
 impl PooledConnection {
     /// `closed` must be set by whoever drives the connection when it ends.
-    pub fn new(sender: h2::client::SendRequest<Bytes>, closed: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        sender: h2::client::SendRequest<Bytes>,
+        closed: Arc<AtomicBool>,
+        credentials: Credentials,
+    ) -> Self {
         Self {
             sender,
             active: AtomicUsize::new(0),
             closed,
+            credentials,
         }
     }
 
@@ -97,22 +114,39 @@ impl Pool {
         }
     }
 
-    fn reuse(&self, key: &PoolKey) -> Option<Checkout> {
+    fn reuse(
+        &self,
+        key: &PoolKey,
+        current: &(dyn Fn(&Credentials) -> bool + Sync),
+    ) -> Option<Checkout> {
         let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let list = connections.get_mut(key)?;
-        list.retain(|c| !c.closed.load(Ordering::Acquire));
-        let conn = list.iter().find(|c| c.try_reserve(self.max_streams))?;
+        // Closed connections go; so do idle ones made with outdated certificates (dropping
+        // the last sender lets the connection end). Busy outdated ones drain.
+        list.retain(|c| {
+            !c.closed.load(Ordering::Acquire)
+                && (current(&c.credentials) || c.active.load(Ordering::Acquire) > 0)
+        });
+        let conn = list
+            .iter()
+            .filter(|c| current(&c.credentials))
+            .find(|c| c.try_reserve(self.max_streams))?;
         Some(Checkout { conn: conn.clone() })
     }
 
-    /// A stream slot for `key`: on an open connection with room, or on a new one from
-    /// `connect`.
-    pub async fn checkout<F, Fut>(&self, key: &PoolKey, connect: F) -> Result<Checkout, TunnelError>
+    /// A stream slot for `key`: on an open connection with room that was made with
+    /// `current` credentials, or on a new one from `connect`.
+    pub async fn checkout<F, Fut>(
+        &self,
+        key: &PoolKey,
+        current: &(dyn Fn(&Credentials) -> bool + Sync),
+        connect: F,
+    ) -> Result<Checkout, TunnelError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<PooledConnection, TunnelError>>,
     {
-        if let Some(checkout) = self.reuse(key) {
+        if let Some(checkout) = self.reuse(key, current) {
             return Ok(checkout);
         }
         let gate = {
@@ -121,7 +155,7 @@ impl Pool {
         };
         let _dialing = gate.lock().await;
         // Someone else may have dialled while we waited.
-        if let Some(checkout) = self.reuse(key) {
+        if let Some(checkout) = self.reuse(key, current) {
             return Ok(checkout);
         }
         let conn = Arc::new(connect().await?);
@@ -167,7 +201,7 @@ mod tests {
             let _ = connection.await;
             flag.store(true, Ordering::Release);
         });
-        PooledConnection::new(sender, closed)
+        PooledConnection::new(sender, closed, Credentials::default())
     }
 
     fn key(endpoint: &str) -> PoolKey {
@@ -182,31 +216,32 @@ mod tests {
     #[tokio::test]
     async fn shares_connections_up_to_the_stream_cap() {
         let pool = Pool::new(2);
+        let any = |_: &Credentials| true;
         let dials = AtomicUsize::new(0);
         let k = key("10.0.0.2:15008");
         let dial = || async {
             dials.fetch_add(1, Ordering::SeqCst);
             Ok(h2_pair().await)
         };
-        let a = pool.checkout(&k, dial).await.expect("a");
-        let b = pool.checkout(&k, dial).await.expect("b");
+        let a = pool.checkout(&k, &any, dial).await.expect("a");
+        let b = pool.checkout(&k, &any, dial).await.expect("b");
         assert_eq!(
             dials.load(Ordering::SeqCst),
             1,
             "two streams share one connection"
         );
-        let c = pool.checkout(&k, dial).await.expect("c");
+        let c = pool.checkout(&k, &any, dial).await.expect("c");
         assert_eq!(
             dials.load(Ordering::SeqCst),
             2,
             "the cap forces a second connection"
         );
         drop(a);
-        let _d = pool.checkout(&k, dial).await.expect("d");
+        let _d = pool.checkout(&k, &any, dial).await.expect("d");
         assert_eq!(dials.load(Ordering::SeqCst), 2, "a freed slot is reused");
         // Another destination never shares.
         let _e = pool
-            .checkout(&key("10.0.0.3:15008"), dial)
+            .checkout(&key("10.0.0.3:15008"), &any, dial)
             .await
             .expect("e");
         assert_eq!(dials.load(Ordering::SeqCst), 3);
@@ -214,7 +249,7 @@ mod tests {
         b.poison();
         drop(b);
         drop(c);
-        let f = pool.checkout(&k, dial).await.expect("f");
+        let f = pool.checkout(&k, &any, dial).await.expect("f");
         assert_eq!(
             dials.load(Ordering::SeqCst),
             3,
@@ -222,11 +257,42 @@ mod tests {
         );
         assert_eq!(pool.connection_count(), 2, "the poisoned one is gone");
         f.poison();
-        let _g = pool.checkout(&k, dial).await.expect("g");
+        let _g = pool.checkout(&k, &any, dial).await.expect("g");
         assert_eq!(
             dials.load(Ordering::SeqCst),
             4,
             "no healthy connection left: dial anew"
         );
+    }
+
+    #[tokio::test]
+    async fn connections_made_with_outdated_certificates_take_no_new_streams() {
+        let pool = Pool::new(10);
+        let k = key("10.0.0.2:15008");
+        let old = |c: &Credentials| c.client_leaf.is_empty();
+        let new = |c: &Credentials| c.client_leaf == b"new";
+        let first = pool
+            .checkout(&k, &old, || async { Ok(h2_pair().await) })
+            .await
+            .expect("first");
+        // After a rotation the busy old connection keeps its stream but gets no new one.
+        let second = pool
+            .checkout(&k, &new, || async {
+                let mut c = h2_pair().await;
+                c.credentials.client_leaf = b"new".to_vec();
+                Ok(c)
+            })
+            .await
+            .expect("second");
+        assert!(!Arc::ptr_eq(&first.conn, &second.conn));
+        assert_eq!(pool.connection_count(), 2, "the old one drains");
+        drop(first);
+        let _third = pool
+            .checkout(&k, &new, || async {
+                panic!("must reuse the current connection")
+            })
+            .await
+            .expect("third");
+        assert_eq!(pool.connection_count(), 1, "the idle old one is let go");
     }
 }
