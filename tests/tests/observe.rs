@@ -7,51 +7,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshlet_lab::{Lab, PodSpec};
+use meshlet_lab::PodSpec;
 
 mod common;
-use common::{bin_dir, meshlet_cli, send, up, Server};
+use common::{admin_get, bin_dir, meshlet_cli, sample, send, up, Server};
 
 fn pods() -> Vec<PodSpec> {
     vec![
         PodSpec::new("web", "node-1", "frontend"),
         PodSpec::new("api", "node-2", "backend"),
     ]
-}
-
-/// GET from a node's admin API (inside the node's netns): (status code, body).
-fn admin_get(lab: &Lab, node: &str, port: u16, path: &str) -> (u16, String) {
-    let netns = lab.topology.node(node).expect("node").netns.clone();
-    let path = path.to_string();
-    meshlet_lab::netns::run_in(&netns, move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok((status, body.to_string()))
-    })
-    .expect("admin GET")
-}
-
-/// The value of the sample `name{labels…}` whose labels include all of `with`.
-fn sample(metrics: &str, name: &str, with: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| with.iter().all(|w| l.contains(w)))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 #[test]

@@ -48,7 +48,7 @@ pub(crate) async fn handle_connection(
                 })
                 .inc();
             tracing::warn!(target: "access", direction = "inbound", dst_workload = %local.display_name(),
-                %peer, outcome = "refused", reason = %format!("TLS handshake failed: {e}"));
+                %peer, outcome = "refused", reason = %format!("TLS handshake failed: {}", tls::describe_handshake_error(&e)));
             return;
         }
     };

@@ -236,6 +236,16 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     leaf_info(leaf).ok()?.identity
 }
 
+/// A failed handshake in words: the verifier's own reason when it refused the peer.
+pub fn describe_handshake_error(error: &std::io::Error) -> String {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(verify::rejection_of)
+        .map(|r| format!("peer certificate refused ({}): {r}", r.reason()))
+        .unwrap_or_else(|| error.to_string())
+}
+
 /// A short, bounded reason for a failed TLS handshake (a metrics label).
 pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error, PeerIncompatible};

@@ -796,8 +796,7 @@ mod tests {
             SystemTime::now(),
             Purpose::ClientAuth,
         )
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(got[0].reason(), "unknown_issuer");
 
         let mut p = leaf_params(ID);

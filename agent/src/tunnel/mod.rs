@@ -24,7 +24,10 @@ pub enum TunnelError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("TLS handshake with {addr} failed: {source}")]
+    #[error(
+        "TLS handshake with {addr} failed: {}",
+        crate::tls::describe_handshake_error(source)
+    )]
     Handshake {
         addr: std::net::SocketAddr,
         source: std::io::Error,

@@ -1,7 +1,7 @@
 //! Helpers shared by the lab test files: bringing a lab up, the probe app as server and client.
 #![allow(dead_code)]
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -160,4 +160,101 @@ pub fn meshlet_cli(lab: &Lab, node: &str, args: &[&str]) -> (bool, String, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// GET from a node's admin API (inside the node's netns): (status code, body).
+pub fn admin_get(lab: &Lab, node: &str, port: u16, path: &str) -> (u16, String) {
+    let netns = lab.topology.node(node).expect("node").netns.clone();
+    let path = path.to_string();
+    meshlet_lab::netns::run_in(&netns, move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_string()))
+    })
+    .expect("admin GET")
+}
+
+/// The value of the sample `name{labels…}` whose labels include all of `with`.
+pub fn sample(metrics: &str, name: &str, with: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// A long-lived probe connection (`probe ping`): says CONNECTED, then CLOSED when the
+/// connection dies, or OPEN when it outlived its time.
+pub struct Ping {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Ping {
+    pub fn start(lab: &Lab, pod: &str, to: &str, secs: u64) -> Self {
+        let mut child = lab
+            .command_in(pod, PROBE)
+            .expect("command")
+            .args(["ping", to, &secs.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("ping");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines: rx }
+    }
+
+    /// The next line within `wait`.
+    pub fn next(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+}
+
+impl Drop for Ping {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 100 ms until it answers `Some`, for at most `wait`.
+pub fn eventually<T>(wait: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node agent's metrics text.
+pub fn metrics(lab: &Lab, node: &str) -> String {
+    let (status, body) = admin_get(lab, node, 15000, "/metrics");
+    assert_eq!(status, 200, "metrics of {node}");
+    body
 }
