@@ -2,7 +2,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 /// How to print an answer.
@@ -48,6 +48,30 @@ pub async fn admin_get(
     admin: SocketAddr,
     path_and_query: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    admin_call(
+        admin,
+        http::Method::GET,
+        path_and_query,
+        bytes::Bytes::new(),
+    )
+    .await
+}
+
+/// POSTs `body` to the agent's admin API and answers its JSON.
+pub async fn admin_post(
+    admin: SocketAddr,
+    path: &str,
+    body: String,
+) -> anyhow::Result<serde_json::Value> {
+    admin_call(admin, http::Method::POST, path, bytes::Bytes::from(body)).await
+}
+
+async fn admin_call(
+    admin: SocketAddr,
+    method: http::Method,
+    path_and_query: &str,
+    body: bytes::Bytes,
+) -> anyhow::Result<serde_json::Value> {
     let no_agent = || {
         format!("no agent at {admin}: is `meshlet agent` running on this node (or is its --admin-addr elsewhere)?")
     };
@@ -62,9 +86,11 @@ pub async fn admin_get(
         .await
         .with_context(no_agent)?;
     tokio::spawn(connection);
-    let request = http::Request::get(path_and_query)
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path_and_query)
         .header(http::header::HOST, admin.to_string())
-        .body(Empty::<bytes::Bytes>::new())?;
+        .body(Full::new(body))?;
     let response = sender.send_request(request).await.with_context(no_agent)?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -431,6 +457,57 @@ pub fn print_config_dump(v: &serde_json::Value) {
     print_connections(&v["connections"]);
     println!();
     print_policies(&v["policies"]);
+}
+
+/// `meshlet certs verify`: each certificate, then the verdict and every reason.
+pub fn print_chain_verdict(v: &serde_json::Value) {
+    for (i, c) in v["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let label = if i == 0 {
+            "leaf".to_string()
+        } else {
+            format!("#{i}")
+        };
+        let name = match c["identity"].as_str() {
+            Some(id) => id.to_string(),
+            None => str_of(&c["subject"]),
+        };
+        println!(
+            "{label:>5}  {name}\n       serial {}  valid {} → {}\n       issuer {}",
+            str_of(&c["serial"]),
+            ts(&c["not_before"]),
+            ts(&c["not_after"]),
+            str_of(&c["issuer"])
+        );
+    }
+    let domains: Vec<String> = v["trust_domains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(str_of)
+        .collect();
+    println!(
+        "trust: bundles of {} · {} CRLs",
+        if domains.is_empty() {
+            "no trust domain (no control-plane update yet)".to_string()
+        } else {
+            domains.join(", ")
+        },
+        v["crls"].as_u64().unwrap_or(0)
+    );
+    if v["trusted"].as_bool() == Some(true) {
+        println!("verdict: TRUSTED as {}", str_of(&v["identity"]));
+        return;
+    }
+    let reasons = v["reasons"].as_array().cloned().unwrap_or_default();
+    println!("verdict: REFUSED ({} reasons)", reasons.len());
+    for r in reasons {
+        println!("  ✗ {}: {}", str_of(&r["reason"]), str_of(&r["message"]));
+    }
 }
 
 #[cfg(test)]

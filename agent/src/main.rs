@@ -47,6 +47,8 @@ enum Command {
     },
     /// This node's identities: serial, validity, rotation, issuer chain, state.
     Certs {
+        #[command(subcommand)]
+        action: Option<CertsAction>,
         #[command(flatten)]
         view: ViewArgs,
     },
@@ -73,6 +75,18 @@ enum Command {
         /// The destination: <pod>:<port>.
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        view: ViewArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Check a PEM chain (leaf first) against this node's current trust bundle and CRLs, as
+    /// a peer's chain would be, and print every reason it fails. Exits 1 when refused.
+    Verify {
+        /// The PEM file: the chain, leaf first.
+        chain: std::path::PathBuf,
         #[command(flatten)]
         view: ViewArgs,
     },
@@ -149,7 +163,23 @@ async fn main() -> anyhow::Result<()> {
             view.show("/workloads", Some("workloads"), cli::print_workloads)
                 .await
         }
-        Command::Certs { view } => view.show("/certs", Some("certs"), cli::print_certs).await,
+        Command::Certs {
+            action: Some(CertsAction::Verify { chain: file, view }),
+            ..
+        } => {
+            let pem = std::fs::read_to_string(&file).map_err(|e| {
+                anyhow::anyhow!("cannot read the certificate chain {}: {e}", file.display())
+            })?;
+            let verdict = cli::admin_post(view.admin, "/certs/verify", pem).await?;
+            view.print(&verdict, cli::print_chain_verdict)?;
+            if verdict["trusted"].as_bool() != Some(true) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Certs { action: None, view } => {
+            view.show("/certs", Some("certs"), cli::print_certs).await
+        }
         Command::Connections { view } => {
             view.show("/connections", Some("connections"), cli::print_connections)
                 .await
@@ -210,5 +240,14 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

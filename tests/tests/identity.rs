@@ -72,6 +72,7 @@ struct Crafted {
 fn leaf_params(sans: Vec<SanType>) -> CertificateParams {
     let now = OffsetDateTime::now_utc();
     let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
     p.subject_alt_names = sans;
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -437,6 +438,61 @@ fn crafted_client_certificates_are_refused_each_with_its_reason() {
         &["-tls1_2"],
         "tls_version",
     );
+    // `meshlet certs verify`: the same verdicts, every reason at once, from a PEM file.
+    let bundle = |c: &Crafted, name: &str| {
+        let path = scratch.path(&format!("{name}-bundle.pem"));
+        let mut text = std::fs::read_to_string(&c.cert).expect("cert");
+        if let Some(chain) = &c.chain {
+            text.push_str(&std::fs::read_to_string(chain).expect("chain"));
+        }
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let (ok, out, err) = meshlet_cli(&lab, "node-2", &["certs", "verify", &bundle(&good, "good")]);
+    assert!(
+        ok && out.contains(&format!("verdict: TRUSTED as {FRONTEND}")),
+        "{out}{err}"
+    );
+    let mut p = leaf_params(vec![uri(FRONTEND), uri(BACKEND)]);
+    p.not_before = now - Duration::from_secs(7200);
+    p.not_after = now - Duration::from_secs(3600);
+    p.key_usages.push(KeyUsagePurpose::KeyCertSign);
+    let flawed = craft(&scratch, "flawed", p, &int, &chain);
+    let (ok, out, _) = meshlet_cli(
+        &lab,
+        "node-2",
+        &["certs", "verify", &bundle(&flawed, "flawed")],
+    );
+    assert!(!ok, "a flawed chain verified:\n{out}");
+    for reason in [
+        "bad_san",
+        "leaf_key_usage",
+        "certificate_expired",
+        "verdict: REFUSED (3 reasons)",
+    ] {
+        assert!(
+            out.contains(reason),
+            "certs verify did not say {reason}:\n{out}"
+        );
+    }
+    println!("$ meshlet certs verify flawed.pem\n{out}");
+    let (ok, out, _) = meshlet_cli(
+        &lab,
+        "node-2",
+        &[
+            "certs",
+            "verify",
+            &bundle(&cases[1].1, "partner-signed"),
+            "-o",
+            "json",
+        ],
+    );
+    let verdict: serde_json::Value = serde_json::from_str(&out).expect("json verdict");
+    assert!(
+        !ok && verdict["reasons"][0]["reason"] == "unknown_issuer",
+        "{out}"
+    );
+
     // The real mesh still works after all that.
     let _server = Server::start(&lab, "api", 8080);
     let api = format!("{}:8080", lab.topology.pod("api").expect("api").ip);

@@ -48,6 +48,7 @@ pub async fn serve(
         .route("/config_dump", get(config_dump))
         .route("/workloads", get(workloads))
         .route("/certs", get(certs))
+        .route("/certs/verify", post(verify_chain))
         .route("/policies", get(policies))
         .route("/check", get(check))
         .route("/connections", get(connections))
@@ -90,6 +91,7 @@ const ENDPOINTS: &[&str] = &[
     "/config_dump",
     "/workloads",
     "/certs",
+    "POST /certs/verify (body: a PEM chain, leaf first)",
     "/connections",
     "/policies",
     "/check?from=<pod|spiffe-id|ip>&to=<pod>:<port>",
@@ -116,6 +118,13 @@ async fn workloads(State(state): State<AdminState>) -> Json<Vec<views::WorkloadV
 
 async fn certs(State(state): State<AdminState>) -> Json<Vec<views::CertView>> {
     Json(views::certs(&state.agent))
+}
+
+async fn verify_chain(State(state): State<AdminState>, body: String) -> Response {
+    match views::verify_chain(&state.agent, &body) {
+        Ok(verdict) => Json(verdict).into_response(),
+        Err(e) => problem(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 /// 200 when ready, 503 with the reasons otherwise.

@@ -448,3 +448,97 @@ mod tests {
         assert!(readiness(1, &[pod(Some("default/web"), true)]).ready);
     }
 }
+
+/// One certificate of a chain under `meshlet certs verify`.
+#[derive(Debug, serde::Serialize)]
+pub struct ChainCertView {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    /// The SPIFFE ID, when the certificate carries exactly one valid one.
+    pub identity: Option<String>,
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+/// One reason a chain fails.
+#[derive(Debug, serde::Serialize, PartialEq, Eq)]
+pub struct ReasonView {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A PEM chain checked against the agent's current trust bundle, as a peer's would be.
+#[derive(Debug, serde::Serialize)]
+pub struct ChainVerdict {
+    pub certificates: Vec<ChainCertView>,
+    pub trust_domains: Vec<String>,
+    pub crls: usize,
+    pub trusted: bool,
+    pub identity: Option<String>,
+    /// Every reason, for a client and for a server certificate alike.
+    pub reasons: Vec<ReasonView>,
+}
+
+/// Checks `pem` (leaf first) with the same verifier the tunnels use, in both directions.
+pub fn verify_chain(agent: &NodeAgent, pem: &str) -> Result<ChainVerdict, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
+    if chain.is_empty() {
+        return Err(
+            "no PEM certificate in the input (expected -----BEGIN CERTIFICATE-----, leaf first)"
+                .into(),
+        );
+    }
+    let mut certificates = Vec::new();
+    for der in &chain {
+        let info = crate::tls::leaf_info(der).map_err(|e| e.to_string())?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        certificates.push(ChainCertView {
+            subject: cert.subject().to_string(),
+            issuer: info.issuer,
+            serial: info.serial,
+            identity: info.identity.map(|i| i.to_string()),
+            not_before: unix(info.not_before),
+            not_after: unix(info.not_after),
+        });
+    }
+    let bundle = agent.bundle.current();
+    let mut reasons: Vec<ReasonView> = Vec::new();
+    let mut identity = None;
+    for purpose in [
+        crate::tls::Purpose::ClientAuth,
+        crate::tls::Purpose::ServerAuth,
+    ] {
+        match crate::tls::verify::check_chain(
+            &agent.tls.provider,
+            &bundle,
+            &chain,
+            SystemTime::now(),
+            purpose,
+        ) {
+            Ok(id) => identity = Some(id.to_string()),
+            Err(found) => {
+                for r in found {
+                    let view = ReasonView {
+                        reason: r.reason(),
+                        message: r.to_string(),
+                    };
+                    if !reasons.contains(&view) {
+                        reasons.push(view);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ChainVerdict {
+        certificates,
+        trust_domains: bundle.domains.keys().cloned().collect(),
+        crls: bundle.crls.len(),
+        trusted: reasons.is_empty(),
+        identity: if reasons.is_empty() { identity } else { None },
+        reasons,
+    })
+}
