@@ -145,3 +145,156 @@ impl DiscoveryService for Discovery {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlet_proto::v1::Workload;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn service(max_lifetime: Duration) -> Certificates {
+        let (signer, _) = crate::pki::generate_dev("cluster.local").expect("dev pki");
+        let ca = Arc::new(CertificateAuthority::new(
+            "cluster.local",
+            signer,
+            max_lifetime,
+        ));
+        let snapshot = Snapshot {
+            version: 1,
+            workloads: vec![Workload {
+                uid: "uid-web".into(),
+                namespace: "default".into(),
+                name: "web".into(),
+                service_account: "web".into(),
+                node: "node-1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (_tx, registry) = watch::channel(snapshot);
+        Certificates { ca, registry }
+    }
+
+    /// A CSR that asks for everything the CA must not grant.
+    fn greedy_csr() -> String {
+        let key = KeyPair::generate().expect("key");
+        let mut req = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
+        req.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .expect("uri"),
+        ));
+        req.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        req.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        req.serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem")
+    }
+
+    fn request(node: &str, identity: &str, lifetime: u64) -> Request<CreateCertificateRequest> {
+        Request::new(CreateCertificateRequest {
+            csr_pem: greedy_csr(),
+            identity: identity.into(),
+            lifetime_seconds: lifetime,
+            node: node.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_greedy_csr_gets_only_the_policy_values() {
+        let certs = service(Duration::from_secs(3600));
+        let ten_years = 10 * 365 * 24 * 3600;
+        let chain = certs
+            .create_certificate(request(
+                "node-1",
+                "spiffe://cluster.local/ns/default/sa/web",
+                ten_years,
+            ))
+            .await
+            .expect("issued")
+            .into_inner()
+            .chain_pem;
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes())
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+            .expect("pem");
+        let (_, cert) = X509Certificate::from_der(&der).expect("x509");
+        assert!(!cert.is_ca(), "CA flag copied from the CSR");
+        assert!(
+            cert.subject().iter().next().is_none(),
+            "subject must be empty"
+        );
+        let san = cert.subject_alternative_name().expect("ext").expect("san");
+        assert!(san.critical, "the SAN of an empty subject is critical");
+        assert_eq!(san.value.general_names.len(), 1, "SANs copied from the CSR");
+        assert_eq!(
+            format!("{}", san.value.general_names[0]),
+            "URI(spiffe://cluster.local/ns/default/sa/web)"
+        );
+        let ku = cert.key_usage().expect("ext").expect("ku").value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
+        let eku = cert.extended_key_usage().expect("ext").expect("eku").value;
+        assert!(eku.server_auth && eku.client_auth && !eku.any);
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(
+            lifetime,
+            3600 + 60,
+            "the operator's maximum (and 60 s backdating)"
+        );
+        // Five minutes works too.
+        let chain = certs
+            .create_certificate(request(
+                "node-1",
+                "spiffe://cluster.local/ns/default/sa/web",
+                300,
+            ))
+            .await
+            .expect("issued")
+            .into_inner()
+            .chain_pem;
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(chain[0].as_bytes())
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+            .expect("pem");
+        let (_, cert) = X509Certificate::from_der(&der).expect("x509");
+        let lifetime =
+            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(lifetime, 300 + 60);
+    }
+
+    #[tokio::test]
+    async fn identities_without_a_pod_on_the_calling_node_are_refused() {
+        let certs = service(Duration::from_secs(3600));
+        let refused = certs
+            .create_certificate(request(
+                "node-2",
+                "spiffe://cluster.local/ns/default/sa/web",
+                0,
+            ))
+            .await
+            .expect_err("node-2 runs no web pod");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused
+            .message()
+            .contains("runs no pod with service account default/web"));
+        let refused = certs
+            .create_certificate(request(
+                "node-1",
+                "spiffe://cluster.local/ns/kube-system/sa/admin",
+                0,
+            ))
+            .await
+            .expect_err("no admin pod anywhere");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        let refused = certs
+            .create_certificate(request(
+                "node-1",
+                "spiffe://other.domain/ns/default/sa/web",
+                0,
+            ))
+            .await
+            .expect_err("another trust domain");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+}
