@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod cli;
 pub mod connections;
+pub mod control_plane;
 pub mod deliver;
 pub mod discovery;
 pub mod identity;

@@ -82,8 +82,11 @@ pub(crate) async fn handle(
         .map(|c| c.to_vec());
     // New streams only on a connection made with our current certificate and, once the CA
     // signs with a new signer, with a server certificate from it.
+    let now = std::time::SystemTime::now();
     let current = |c: &Credentials| {
-        c.client_leaf == client_leaf && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
+        c.client_leaf == client_leaf
+            && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
+            && c.server_not_after.is_none_or(|t| t > now)
     };
     let endpoint = SocketAddr::new(original.ip(), TUNNEL_PORT);
     let key = PoolKey {

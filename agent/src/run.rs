@@ -4,8 +4,6 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use meshlet_proto::v1::node_service_server::NodeServiceServer;
 
-use meshlet_proto::channel;
-
 use crate::{
     discovery,
     identity::{GrpcCaClient, IdentityStore},
@@ -26,6 +24,18 @@ pub struct AgentConfig {
     /// The control plane: `unix:/path` or `http://host:port`.
     #[arg(long, default_value = "unix:/run/meshlet/controlplane.sock")]
     pub control_plane: String,
+    /// The operator's root certificates (PEM): the control plane must chain to them.
+    #[arg(long, default_value = "/etc/meshlet/roots.pem")]
+    pub control_plane_roots: PathBuf,
+    /// The mesh's trust domain (the control plane is spiffe://<it>/meshlet/controlplane).
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Where this node's key and node certificate are kept.
+    #[arg(long, default_value = "/var/lib/meshlet/node")]
+    pub node_identity_dir: PathBuf,
+    /// A file with the join token for this node (needed once, for the first start).
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
     /// Unix socket for the node-local pod API (the CNI side).
     #[arg(long, default_value = "/run/meshlet/agent.sock")]
     pub node_socket: PathBuf,
@@ -69,12 +79,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("exempting {ip} from inbound capture"))?;
         tracing::info!(%ip, "connections from this address are not captured inbound");
     }
-    let control_plane =
-        channel::connect_lazy(&config.control_plane).context("control-plane address")?;
     let tls_settings = Arc::new(tls::TlsSettings::new(config.allow_tls12));
     if config.allow_tls12 {
         tracing::warn!("--allow-tls12: tunnels also accept TLS 1.2 (ECDHE AEAD suites only)");
     }
+    let bundle = Arc::new(TrustBundle::default());
+    let link = crate::control_plane::ControlPlane::start(
+        crate::control_plane::ControlPlaneSettings {
+            address: config.control_plane.clone(),
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.clone(),
+            roots_file: config.control_plane_roots.clone(),
+            identity_dir: config.node_identity_dir.clone(),
+            token_file: config.join_token_file.clone(),
+        },
+        tls_settings.provider.clone(),
+        bundle.clone(),
+    )
+    .context("setting up the control-plane link")?;
+    let control_plane = link.channel.clone();
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.node));
     let identities = Arc::new(IdentityStore::new(
         Arc::new(GrpcCaClient::new(
@@ -86,7 +109,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let workloads = Arc::new(discovery::Workloads::default());
-    let bundle = Arc::new(TrustBundle::default());
     let agent = Arc::new(NodeAgent {
         node: config.node.clone(),
         redirect,
@@ -106,7 +128,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let mut revisions = bundle.subscribe();
         tokio::spawn(async move {
             while revisions.changed().await.is_ok() {
-                identities.recheck(&bundle.current());
+                let current = bundle.current();
+                identities.recheck(&current);
+                link.recheck(&current);
             }
         });
     }

@@ -144,7 +144,51 @@ impl CertificateAuthority {
             });
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
-        let lifetime = self.granted_lifetime(requested);
+        self.issue(identity, &csr.public_key, self.granted_lifetime(requested))
+    }
+
+    /// The chain the CA signs with now (signer first).
+    pub fn signer_chain_pem(&self) -> Vec<String> {
+        self.signer().chain_pem.clone()
+    }
+
+    /// The identity of a node's own certificate (not a workload ID: it cannot pass a tunnel's
+    /// verifier, and a workload certificate cannot pass as a node).
+    pub fn node_identity(&self, node: &str) -> String {
+        format!("spiffe://{}/meshlet/node/{node}", self.trust_domain)
+    }
+
+    /// The identity in the control plane's serving certificate.
+    pub fn controlplane_identity(&self) -> String {
+        format!("spiffe://{}/meshlet/controlplane", self.trust_domain)
+    }
+
+    /// A node certificate for `node` from the CSR's public key.
+    pub fn sign_node(
+        &self,
+        csr_pem: &str,
+        node: &str,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+        self.issue(&self.node_identity(node), &csr.public_key, lifetime)
+    }
+
+    /// The control plane's own serving certificate for `key`.
+    pub fn sign_serving(
+        &self,
+        key: &rcgen::KeyPair,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        self.issue(&self.controlplane_identity(), key, lifetime)
+    }
+
+    fn issue(
+        &self,
+        identity: &str,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
         let signer = self.signer();
         let params = leaf_params(identity, lifetime, signer.not_after).map_err(CaError::Signing)?;
         let serial = params
@@ -153,7 +197,7 @@ impl CertificateAuthority {
             .map(|s| hex(s.as_ref()))
             .unwrap_or_default();
         let cert = params
-            .signed_by(&csr.public_key, &signer.issuer)
+            .signed_by(public_key, &signer.issuer)
             .map_err(CaError::Signing)?;
         let mut chain_pem = vec![cert.pem()];
         chain_pem.extend(signer.chain_pem.iter().cloned());

@@ -6,14 +6,17 @@ use clap::Parser;
 use meshlet_proto::v1::{
     certificate_service_server::CertificateServiceServer,
     discovery_service_server::DiscoveryServiceServer,
+    node_identity_service_server::NodeIdentityServiceServer,
 };
 
 mod ca;
 mod emergency;
+mod node_auth;
 mod pki;
 mod publish;
 mod registry;
 mod services;
+mod tokens;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,7 +36,29 @@ enum Command {
     /// Emergency switch: set one workload's mTLS mode (e.g. PERMISSIVE while a broken client
     /// is fixed). The running control plane pushes it to every node at once.
     Mode(emergency::ModeArgs),
+    /// Join tokens for nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a single-use join token for one node and print it (it is shown once; only its
+    /// hash is kept). Give it to that node's agent with --join-token-file.
+    Create {
+        /// The node the token is for.
+        #[arg(long)]
+        node: String,
+        /// How long the token stays usable, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// The control plane's state folder (as given to the server).
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+}
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/meshlet-controlplane";
 
 #[derive(clap::Args, Debug)]
 struct Args {
@@ -73,6 +98,12 @@ struct Args {
     /// a root's key then sits online in the control plane.
     #[arg(long)]
     allow_self_signed_signer: bool,
+    /// State folder: the join tokens.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Lifetime of node certificates, in seconds (nodes renew them at half-life).
+    #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    node_cert_lifetime: u64,
     /// Longest certificate lifetime the CA grants, in seconds (at least 60).
     #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
     max_cert_lifetime: u64,
@@ -94,11 +125,25 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Logs on stderr: stdout carries answers (`token create` prints the token).
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Some(Command::Mode(mode)) = cli.command {
-        return emergency::set_mode(&mode);
+    match cli.command {
+        Some(Command::Mode(mode)) => return emergency::set_mode(&mode),
+        Some(Command::Token(TokenCommand::Create {
+            node,
+            ttl,
+            state_dir,
+        })) => {
+            let token =
+                tokens::TokenStore::new(&state_dir).create(&node, Duration::from_secs(ttl))?;
+            tracing::info!(target: "audit", event = "join_token_created", %node, ttl_seconds = ttl, "join token created");
+            println!("{token}");
+            return Ok(());
+        }
+        None => {}
     }
     let args = cli.serve;
     let Some(workloads) = args.workloads.clone() else {
@@ -165,8 +210,19 @@ async fn main() -> anyhow::Result<()> {
         (ca, rx, tx)
     };
     let registry = registry::watch_file(workloads)?;
-    let published = publish::merge(registry.clone(), trust);
+    let published = publish::merge(registry.clone(), trust.clone());
+    let node_identity = services::NodeIdentity {
+        ca: ca.clone(),
+        tokens: tokens::TokenStore::new(&args.state_dir),
+        lifetime: Duration::from_secs(args.node_cert_lifetime),
+    };
+    let serving = node_auth::TlsServing {
+        ca: ca.clone(),
+        trust: trust.clone(),
+        trust_domain: args.trust_domain.clone(),
+    };
     let router = tonic::transport::Server::builder()
+        .add_service(NodeIdentityServiceServer::new(node_identity))
         .add_service(CertificateServiceServer::new(services::Certificates {
             ca,
             registry,
@@ -175,26 +231,41 @@ async fn main() -> anyhow::Result<()> {
             trust_domain: args.trust_domain.clone(),
             published,
         }));
+    // Every connection is TLS; which calls a connection may make depends on the node
+    // certificate it presented (see node_auth).
     if let Some(path) = args.listen.strip_prefix("unix:") {
         let _ = std::fs::remove_file(path);
         if let Some(dir) = std::path::Path::new(path).parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let listener = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("binding the control-plane socket {path}"))?;
-        tracing::info!(%path, trust_domain = %args.trust_domain, "control plane serving");
-        router
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await?;
+        let listener = Arc::new(
+            tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding the control-plane socket {path}"))?,
+        );
+        tracing::info!(%path, trust_domain = %args.trust_domain, "control plane serving (mTLS)");
+        let incoming = node_auth::incoming(serving, move || {
+            let listener = listener.clone();
+            async move { listener.accept().await.map(|(s, _)| s) }
+        });
+        router.serve_with_incoming(incoming).await?;
     } else {
-        let addr = args.listen.parse().with_context(|| {
+        let addr: std::net::SocketAddr = args.listen.parse().with_context(|| {
             format!(
                 "--listen {:?} is neither unix:PATH nor HOST:PORT",
                 args.listen
             )
         })?;
-        tracing::info!(%addr, trust_domain = %args.trust_domain, "control plane serving");
-        router.serve(addr).await?;
+        let listener = Arc::new(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the control-plane address {addr}"))?,
+        );
+        tracing::info!(%addr, trust_domain = %args.trust_domain, "control plane serving (mTLS)");
+        let incoming = node_auth::incoming(serving, move || {
+            let listener = listener.clone();
+            async move { listener.accept().await.map(|(s, _)| s) }
+        });
+        router.serve_with_incoming(incoming).await?;
     }
     Ok(())
 }

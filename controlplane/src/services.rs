@@ -4,8 +4,9 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use futures::Stream;
 use meshlet_proto::v1::{
     certificate_service_server::CertificateService, discovery_request,
-    discovery_service_server::DiscoveryService, CreateCertificateRequest,
-    CreateCertificateResponse, DiscoveryRequest, DiscoveryResponse,
+    discovery_service_server::DiscoveryService, node_identity_service_server::NodeIdentityService,
+    CreateCertificateRequest, CreateCertificateResponse, DiscoveryRequest, DiscoveryResponse,
+    JoinRequest, NodeCertificateResponse, RenewNodeCertificateRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
@@ -13,8 +14,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     ca::{parse_identity, CertificateAuthority},
+    node_auth::node_of,
     publish::Published,
     registry::Snapshot,
+    tokens::{TokenError, TokenStore},
 };
 
 /// Issues workload certificates to nodes.
@@ -29,7 +32,10 @@ impl CertificateService for Certificates {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let req = request.into_inner();
+        // The node is the one its certificate names, never what the request says.
+        let node = node_of(&request)?;
+        let mut req = request.into_inner();
+        req.node = node;
         let Some((namespace, service_account)) =
             parse_identity(self.ca.trust_domain(), &req.identity)
         else {
@@ -80,6 +86,74 @@ impl CertificateService for Certificates {
     }
 }
 
+/// Node certificates: the first by join token, renewals by the current node certificate.
+pub struct NodeIdentity {
+    pub ca: Arc<CertificateAuthority>,
+    pub tokens: TokenStore,
+    pub lifetime: Duration,
+}
+
+impl NodeIdentity {
+    fn issue(
+        &self,
+        node: &str,
+        csr_pem: &str,
+        event: &str,
+    ) -> Result<Response<NodeCertificateResponse>, Status> {
+        match self.ca.sign_node(csr_pem, node, self.lifetime) {
+            Ok(issued) => {
+                tracing::info!(target: "audit", event, %node, serial = %issued.serial,
+                    lifetime_seconds = issued.lifetime.as_secs(), "node certificate issued");
+                Ok(Response::new(NodeCertificateResponse {
+                    chain_pem: issued.chain_pem,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", event = "node_certificate_refused", %node, error = %e, "node certificate refused");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl NodeIdentityService for NodeIdentity {
+    async fn join(
+        &self,
+        request: Request<JoinRequest>,
+    ) -> Result<Response<NodeCertificateResponse>, Status> {
+        let req = request.into_inner();
+        let tokens = self.tokens.clone();
+        let (node, token) = (req.node.clone(), req.token.clone());
+        let consumed = tokio::task::spawn_blocking(move || tokens.consume(&node, &token))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match consumed {
+            Ok(()) => self.issue(&req.node, &req.csr_pem, "node_joined"),
+            Err(e @ TokenError::Io { .. }) | Err(e @ TokenError::Corrupt { .. }) => {
+                tracing::error!(target: "audit", event = "node_join_refused", node = %req.node, error = %e, "join failed");
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node, error = %e, "join refused");
+                Err(Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+
+    async fn renew_node_certificate(
+        &self,
+        request: Request<RenewNodeCertificateRequest>,
+    ) -> Result<Response<NodeCertificateResponse>, Status> {
+        let node = node_of(&request)?;
+        self.issue(
+            &node,
+            &request.into_inner().csr_pem,
+            "node_certificate_renewed",
+        )
+    }
+}
+
 /// Streams each node its view of the mesh.
 pub struct Discovery {
     pub trust_domain: String,
@@ -96,16 +170,26 @@ impl DiscoveryService for Discovery {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let node = node_of(&request)?;
         let mut inbound = request.into_inner();
-        let node =
-            match inbound.next().await {
-                Some(Ok(DiscoveryRequest {
-                    kind: Some(discovery_request::Kind::Hello(hello)),
-                })) if !hello.node.is_empty() => hello.node,
-                _ => return Err(Status::invalid_argument(
+        match inbound.next().await {
+            Some(Ok(DiscoveryRequest {
+                kind: Some(discovery_request::Kind::Hello(hello)),
+            })) if hello.node == node => {}
+            Some(Ok(DiscoveryRequest {
+                kind: Some(discovery_request::Kind::Hello(hello)),
+            })) => {
+                return Err(Status::permission_denied(format!(
+                    "this node's certificate names {node:?}, not {:?}",
+                    hello.node
+                )))
+            }
+            _ => {
+                return Err(Status::invalid_argument(
                     "the first message on the discovery stream must be Hello with the node name",
-                )),
-            };
+                ))
+            }
+        }
         tracing::info!(%node, "node connected to discovery");
         let (tx, rx) = mpsc::channel(4);
         let mut published = self.published.clone();
@@ -193,13 +277,18 @@ mod tests {
             .expect("pem")
     }
 
+    /// A request from `node`, as its node certificate names it.
     fn request(node: &str, identity: &str, lifetime: u64) -> Request<CreateCertificateRequest> {
-        Request::new(CreateCertificateRequest {
+        let mut request = Request::new(CreateCertificateRequest {
             csr_pem: greedy_csr(),
             identity: identity.into(),
             lifetime_seconds: lifetime,
-            node: node.into(),
-        })
+            node: String::new(),
+        });
+        request.extensions_mut().insert(crate::node_auth::NodePeer {
+            node: Some(node.into()),
+        });
+        request
     }
 
     #[tokio::test]
@@ -296,5 +385,22 @@ mod tests {
             .await
             .expect_err("another trust domain");
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        // Without a node certificate nothing is issued, whatever the request claims.
+        let mut anonymous = request("node-1", "spiffe://cluster.local/ns/default/sa/web", 0);
+        anonymous.extensions_mut().clear();
+        anonymous.get_mut().node = "node-1".into();
+        let refused = certs
+            .create_certificate(anonymous)
+            .await
+            .expect_err("no node certificate");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        // The certificate's node wins over the request's field.
+        let mut lying = request("node-2", "spiffe://cluster.local/ns/default/sa/web", 0);
+        lying.get_mut().node = "node-1".into();
+        let refused = certs
+            .create_certificate(lying)
+            .await
+            .expect_err("node-2 lies");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     }
 }

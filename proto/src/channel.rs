@@ -7,6 +7,8 @@ use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    #[error("{address:?} is neither unix:/path nor host:port")]
+    BadTlsAddress { address: String },
     #[error("{address:?} is neither unix:/path nor http(s)://host:port: {source}")]
     BadAddress {
         address: String,
@@ -38,5 +40,117 @@ pub fn connect_lazy(address: &str) -> Result<Channel, ChannelError> {
             }
         })?;
         Ok(endpoint.connect_lazy())
+    }
+}
+
+/// A lazily connecting channel over TLS (mutual, when `tls` carries a client certificate) to
+/// `unix:/path` or `host:port`; `server_name` only fills SNI (the verifier in `tls` decides).
+///
+/// No connection is attempted before `ready` is true (e.g. before the node holds the
+/// certificate the connection must present); calls wait meanwhile.
+pub fn connect_lazy_tls(
+    address: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> Result<Channel, ChannelError> {
+    enum Target {
+        Unix(PathBuf),
+        Tcp(String),
+    }
+    let target = match address.strip_prefix("unix:") {
+        Some(path) => Target::Unix(PathBuf::from(path)),
+        None => {
+            let hostport = address
+                .strip_prefix("https://")
+                .or_else(|| address.strip_prefix("http://"))
+                .unwrap_or(address);
+            if !hostport.contains(':') {
+                return Err(ChannelError::BadTlsAddress {
+                    address: address.to_string(),
+                });
+            }
+            Target::Tcp(hostport.to_string())
+        }
+    };
+    let target = std::sync::Arc::new(target);
+    let endpoint = Endpoint::from_static("http://[::1]:50051");
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+            let target = target.clone();
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            let mut ready = ready.clone();
+            async move {
+                ready
+                    .wait_for(|r| *r)
+                    .await
+                    .map_err(|_| std::io::Error::other("shutting down"))?;
+                let name = rustls::pki_types::ServerName::try_from("meshlet-controlplane")
+                    .map_err(std::io::Error::other)?;
+                let stream = match target.as_ref() {
+                    Target::Unix(path) => {
+                        let io = tokio::net::UnixStream::connect(path).await?;
+                        Either::Unix(connector.connect(name, io).await?)
+                    }
+                    Target::Tcp(hostport) => {
+                        let io = tokio::net::TcpStream::connect(hostport.as_str()).await?;
+                        io.set_nodelay(true)?;
+                        Either::Tcp(connector.connect(name, io).await?)
+                    }
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        })),
+    )
+}
+
+/// A TLS stream over either transport.
+enum Either {
+    Unix(tokio_rustls::client::TlsStream<tokio::net::UnixStream>),
+    Tcp(tokio_rustls::client::TlsStream<tokio::net::TcpStream>),
+}
+
+impl tokio::io::AsyncRead for Either {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Either {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Either::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Either::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Either::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

@@ -47,6 +47,7 @@ impl LabOptions {
 /// A running lab. Dropping it tears everything down.
 pub struct Lab {
     pub topology: Topology,
+    bin_dir: PathBuf,
     runtime: tokio::runtime::Runtime,
     children: Vec<Child>,
     torn_down: bool,
@@ -127,6 +128,7 @@ impl Lab {
             .build()?;
         let mut lab = Lab {
             topology: Topology::default(),
+            bin_dir: options.bin_dir.clone(),
             runtime,
             children: Vec::new(),
             torn_down: false,
@@ -263,6 +265,8 @@ impl Lab {
         let log = std::fs::File::create(&topo.controlplane_log)?;
         let mut cp = Command::new(&cp_bin);
         cp.args(pki.controlplane_args())
+            .arg("--state-dir")
+            .arg(state_path("controlplane"))
             .args(&options.controlplane_args)
             .arg("--listen")
             .arg(format!("unix:{}", topo.controlplane_socket))
@@ -281,6 +285,8 @@ impl Lab {
         .context("control plane socket")?;
 
         for node in &topo.nodes {
+            // Each node joins with a token made for it, as an operator would hand it out.
+            let auth = self.agent_auth_args(&node.name)?;
             let log = std::fs::File::create(&node.agent_log)?;
             let mut agent = Command::new(&agent_bin);
             agent
@@ -295,6 +301,7 @@ impl Lab {
                 .arg(&node.bpf_pin_dir)
                 .arg("--cert-lifetime")
                 .arg(options.cert_lifetime.to_string())
+                .args(&auth)
                 .args(&options.agent_args)
                 .env(
                     "RUST_LOG",
@@ -324,6 +331,48 @@ impl Lab {
             self.announce(pod)?;
         }
         self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// A fresh single-use join token for `node`, made with `meshlet-controlplane token
+    /// create`, in a file only root can read.
+    pub fn create_join_token(&self, node: &str, ttl_seconds: u64) -> anyhow::Result<PathBuf> {
+        let out = Command::new(self.bin_dir.join("meshlet-controlplane"))
+            .args(["token", "create", "--node", node, "--ttl"])
+            .arg(ttl_seconds.to_string())
+            .arg("--state-dir")
+            .arg(state_path("controlplane"))
+            .output()
+            .context("meshlet-controlplane token create")?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let token = String::from_utf8(out.stdout)?.trim().to_string();
+        let dir = state_path(node);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("join-token");
+        std::fs::write(&path, token)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(path)
+    }
+
+    /// The agent flags that authenticate `node` to the control plane: roots, trust domain,
+    /// identity folder and a new join token.
+    pub fn agent_auth_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        let token = self.create_join_token(node, 600)?;
+        let path = |p: PathBuf| p.display().to_string();
+        Ok(vec![
+            "--control-plane-roots".into(),
+            path(self.pki().roots_path()),
+            "--trust-domain".into(),
+            self.topology.trust_domain.clone(),
+            "--node-identity-dir".into(),
+            path(state_path(&format!("{node}/identity"))),
+            "--join-token-file".into(),
+            path(token),
+        ])
     }
 
     /// Tells the pod's node agent about it (the CNI's job).
@@ -422,6 +471,14 @@ impl Lab {
             .context("no such node")?;
         // children[0] is the control plane, then one agent per node in node order.
         let child = self.children.get_mut(index + 1).context("agent process")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Stops the control plane (the agents keep running on what they have).
+    pub fn kill_controlplane(&mut self) -> anyhow::Result<()> {
+        let child = self.children.first_mut().context("control plane process")?;
         child.kill()?;
         child.wait()?;
         Ok(())

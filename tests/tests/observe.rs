@@ -334,6 +334,7 @@ fn readiness_is_false_before_the_first_update_and_true_after() {
                 "--admin-addr",
                 "127.0.0.1:15100",
             ])
+            .args(lab.agent_auth_args("node-x").expect("join token"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

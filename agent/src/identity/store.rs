@@ -240,10 +240,13 @@ impl IdentityStore {
                 issuer_chain.push(i.issuer);
             }
         }
-        let lifetime = info
+        // Half of the life left from now (not from not_before, which the CA backdates for
+        // clock skew: with short certificates that would renew far too early).
+        let now = SystemTime::now();
+        let remaining = info
             .not_after
-            .duration_since(info.not_before)
-            .unwrap_or(Duration::from_secs(60));
+            .duration_since(now)
+            .unwrap_or(Duration::from_secs(1));
         Ok(WorkloadCertificate {
             identity: identity.clone(),
             certified_key: Arc::new(CertifiedKey::new(chain, signer)),
@@ -251,7 +254,7 @@ impl IdentityStore {
             not_after: info.not_after,
             serial: info.serial,
             issuer_chain,
-            renew_at: info.not_before + lifetime.mul_f64(0.5 * jitter()),
+            renew_at: now + remaining.mul_f64(0.5 * jitter()),
         })
     }
 }

@@ -75,6 +75,13 @@ impl TunnelConnector<'_> {
         let credentials = Credentials {
             client_leaf: self.client_leaf.clone(),
             server_issuer: server_chain_issuer(&tls),
+            server_not_after: tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| crate::tls::leaf_info(leaf).ok())
+                .map(|info| info.not_after),
         };
         let server_chain: Vec<_> = tls
             .get_ref()

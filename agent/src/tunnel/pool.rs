@@ -38,6 +38,9 @@ pub struct Credentials {
     pub client_leaf: Vec<u8>,
     /// The certificate that issued the server's leaf (DER).
     pub server_issuer: Vec<u8>,
+    /// When the server's leaf expires: no new streams after that (the connection itself is
+    /// closed a clock skew later).
+    pub server_not_after: Option<std::time::SystemTime>,
 }
 
 /// One HTTP/2 connection in the pool.

@@ -30,10 +30,20 @@ pub struct Server {
 
 impl Server {
     pub fn start(lab: &Lab, pod: &str, port: u16) -> Self {
+        Self::start_with(lab, pod, port, 100, 120)
+    }
+
+    /// A server for at most `max` connections and `secs` seconds.
+    pub fn start_with(lab: &Lab, pod: &str, port: u16, max: usize, secs: u64) -> Self {
         let mut child = lab
             .command_in(pod, PROBE)
             .expect("command")
-            .args(["serve", &port.to_string(), "100", "120"])
+            .args([
+                "serve",
+                &port.to_string(),
+                &max.to_string(),
+                &secs.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("server");
