@@ -730,3 +730,233 @@ fn a_server_with_another_workloads_valid_certificate_is_refused() {
         "outbound: another workload's valid certificate"
     );
 }
+
+/// An agent for node `node` started in node-1's netns with its own cgroup, pins, sockets,
+/// admin port and identity folder; killed and cleaned up on drop.
+struct ExtraAgent {
+    child: std::process::Child,
+    log: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl ExtraAgent {
+    fn start(lab: &Lab, scratch: &Scratch, node: &str, token: &Path, admin_port: u16) -> Self {
+        let cgroup = PathBuf::from(format!("/sys/fs/cgroup/unified/meshlet-lab/{node}"));
+        std::fs::create_dir_all(&cgroup).expect("cgroup");
+        let log = scratch.path(&format!("{node}-{admin_port}.log"));
+        let identity_dir = scratch.path(&format!("{node}-{admin_port}-identity"));
+        let child = lab
+            .command_in("node-1", bin_dir().join("meshlet").to_str().expect("path"))
+            .expect("command")
+            .args(["agent", "--node", node, "--control-plane"])
+            .arg(format!("unix:{}", lab.topology.controlplane_socket))
+            .arg("--node-socket")
+            .arg(scratch.path(&format!("{node}-{admin_port}.sock")))
+            .arg("--pod-cgroup")
+            .arg(&cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(format!("/sys/fs/bpf/meshlet-lab/{node}"))
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .arg("--control-plane-roots")
+            .arg(lab.pki().roots_path())
+            .arg("--node-identity-dir")
+            .arg(&identity_dir)
+            .arg("--join-token-file")
+            .arg(token)
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("extra agent");
+        Self { child, log, cgroup }
+    }
+
+    /// Waits until the agent's log has `needle`; answers the log.
+    fn wait_for(&self, needle: &str) -> String {
+        eventually(Duration::from_secs(15), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            log.contains(needle).then_some(log)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent never logged {needle:?}:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
+    }
+}
+
+impl Drop for ExtraAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+#[test]
+fn join_tokens_work_once_for_their_node_until_they_expire() {
+    let scratch = Scratch::new("join");
+    let lab = meshlet_lab::Lab::up(&pods()[..2], &LabOptions::new(bin_dir())).expect("lab up");
+    let token = lab.create_join_token("node-x", 600).expect("token");
+    {
+        let first = ExtraAgent::start(&lab, &scratch, "node-x", &token, 15101);
+        first.wait_for("event=\"node_joined\"");
+        first.wait_for("applied control-plane update");
+        println!("{:<48} joined", "fresh token for its node");
+    }
+    // The same token again (a new identity folder, so the agent must join): refused.
+    let again = ExtraAgent::start(&lab, &scratch, "node-x", &token, 15102);
+    again.wait_for("join token already used");
+    println!("{:<48} refused: already used", "reused token");
+    drop(again);
+    let short = lab.create_join_token("node-x", 1).expect("token");
+    std::thread::sleep(Duration::from_secs(2));
+    let late = ExtraAgent::start(&lab, &scratch, "node-x", &short, 15103);
+    late.wait_for("join token expired");
+    println!("{:<48} refused: expired", "expired token");
+    drop(late);
+    let other = lab.create_join_token("node-y", 600).expect("token");
+    let wrong = ExtraAgent::start(&lab, &scratch, "node-x", &other, 15104);
+    wrong.wait_for("join token was created for node \\\"node-y\\\"");
+    println!("{:<48} refused: another node's", "another node's token");
+    drop(wrong);
+    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).expect("log");
+    assert!(
+        cp_log.contains("event=\"node_join_refused\"") && cp_log.contains("event=\"node_joined\""),
+        "the control plane did not audit the joins"
+    );
+}
+
+/// Roots in the trust bundle that `node`'s agent applied.
+fn roots_on(lab: &Lab, node: &str) -> usize {
+    let (status, body) = common::admin_get(lab, node, 15000, "/config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&body).expect("json");
+    dump["discovery"]["trust_roots_pem"]
+        .as_array()
+        .map(|a| a.len())
+        .unwrap_or(0)
+}
+
+/// The issuer of `node`'s workload certificate.
+fn issuer_on(lab: &Lab, node: &str) -> String {
+    let (ok, out, _) = meshlet_cli(lab, node, &["certs", "-o", "json"]);
+    assert!(ok);
+    let certs: serde_json::Value = serde_json::from_str(&out).expect("json");
+    certs[0]["issuer_chain"][0]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn ca_rotation_a_to_a_and_b_to_b_without_a_failed_connection() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex,
+    };
+    let lab = meshlet_lab::Lab::up(&pods()[..2], &LabOptions::new(bin_dir())).expect("lab up");
+    let pki = lab.pki();
+    let _server = Server::start_with(&lab, "api", 8080, 2000, 120);
+    let api = format!("{}:8080", lab.topology.pod("api").expect("api").ip);
+    let ping = Ping::start(&lab, "web", &api, 100);
+    assert_eq!(
+        ping.next(Duration::from_secs(10)).as_deref(),
+        Some("CONNECTED")
+    );
+
+    // CA B: a new root and an intermediate under it.
+    let root_b_key = KeyPair::generate().expect("key");
+    let root_b_params = ca_params("lab root B");
+    let root_b = root_b_params.self_signed(&root_b_key).expect("root B");
+    let root_b_issuer = Issuer::new(root_b_params, root_b_key);
+    let int_b_key = KeyPair::generate().expect("key");
+    let int_b = ca_params("lab intermediate B")
+        .signed_by(&int_b_key, &root_b_issuer)
+        .expect("intermediate B");
+    let root_a = std::fs::read_to_string(pki.cert_path(LabCa::Root)).expect("root A");
+
+    let stop = AtomicBool::new(false);
+    let sent = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Acquire) {
+                let (ok, _, err) = send(&lab, "web", &api, 512, None, None);
+                sent.fetch_add(1, Ordering::AcqRel);
+                if !ok {
+                    failures.lock().expect("lock").push(err);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let reached = eventually(Duration::from_secs(20), || done().then_some(()));
+            if reached.is_none() {
+                stop.store(true, Ordering::Release);
+            }
+            assert!(reached.is_some(), "never reached: {what}");
+            println!("{what}");
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        // 1. Trust A and B.
+        meshlet_lab::pki::write_atomically(
+            &pki.roots_path(),
+            format!("{root_a}{}", root_b.pem()).as_bytes(),
+        )
+        .expect("roots A+B");
+        wait("1. both nodes trust A and B", &|| {
+            roots_on(&lab, "node-1") == 2 && roots_on(&lab, "node-2") == 2
+        });
+        // 2. Issue from B: the operator swaps the intermediate on disk.
+        meshlet_lab::pki::write_atomically(
+            &pki.key_path(LabCa::Intermediate),
+            int_b_key.serialize_pem().as_bytes(),
+        )
+        .expect("key B");
+        meshlet_lab::pki::write_atomically(
+            &pki.cert_path(LabCa::Intermediate),
+            int_b.pem().as_bytes(),
+        )
+        .expect("intermediate B");
+        wait(
+            "2. both nodes hold certificates from intermediate B",
+            &|| {
+                issuer_on(&lab, "node-1").contains("lab intermediate B")
+                    && issuer_on(&lab, "node-2").contains("lab intermediate B")
+            },
+        );
+        assert_eq!(
+            ping.next(Duration::ZERO),
+            None,
+            "adding a root or a signer dropped a live connection"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        // 3. Trust B only.
+        meshlet_lab::pki::write_atomically(&pki.roots_path(), root_b.pem().as_bytes())
+            .expect("roots B");
+        wait("3. both nodes trust B only", &|| {
+            roots_on(&lab, "node-1") == 1 && roots_on(&lab, "node-2") == 1
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::Release);
+    });
+    let failures = failures.into_inner().expect("lock");
+    let sent = sent.load(Ordering::Acquire);
+    println!(
+        "{sent} connections during the rotation, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "connections failed during the CA rotation:\n{}",
+        failures.join("\n")
+    );
+    assert!(sent > 20, "too little traffic to tell");
+    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).expect("log");
+    assert!(cp_log.contains("event=\"ca_reloaded\""));
+    // The connection opened under A is closed once A is no longer trusted (logged), never
+    // kept on a chain the mesh no longer trusts.
+    assert_eq!(ping.next(Duration::from_secs(3)).as_deref(), Some("CLOSED"));
+}
