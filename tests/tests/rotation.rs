@@ -14,7 +14,14 @@ const LIFETIME: u64 = 120;
 fn lab() -> Lab {
     let mut options = LabOptions::new(bin_dir());
     options.cert_lifetime = LIFETIME;
-    options.controlplane_args = vec!["--max-cert-lifetime".into(), LIFETIME.to_string()];
+    // Node certificates live two minutes too: their renewal, and the control plane ending a
+    // connection whose node certificate expired, happen under the same traffic.
+    options.controlplane_args = vec![
+        "--max-cert-lifetime".into(),
+        LIFETIME.to_string(),
+        "--node-cert-lifetime".into(),
+        LIFETIME.to_string(),
+    ];
     Lab::up(
         &[
             PodSpec::new("web", "node-1", "frontend"),
@@ -65,6 +72,17 @@ fn two_minute_certificates_rotate_under_steady_traffic_without_a_failure() {
         before.1,
         after.1
     );
+    for node in ["node-1", "node-2"] {
+        let renewals = lab
+            .agent_log(node)
+            .matches("event=\"node_certificate_renewed\"")
+            .count();
+        println!("{node}: node certificate renewed {renewals} times");
+        assert!(
+            renewals >= 2,
+            "{node} renewed its node certificate {renewals} times"
+        );
+    }
     assert!(
         failed.is_empty(),
         "connections failed during rotation:\n{}",

@@ -284,3 +284,43 @@ pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls13_only_by_default_and_tls12_only_with_ecdhe_aead() {
+        let strict = TlsSettings::new(false);
+        assert_eq!(strict.versions.len(), 1);
+        assert!(strict
+            .provider
+            .cipher_suites
+            .iter()
+            .all(|s| s.version() == &rustls::version::TLS13));
+        let names: Vec<String> = strict
+            .provider
+            .cipher_suites
+            .iter()
+            .map(|s| format!("{:?}", s.suite()))
+            .collect();
+        assert!(names.iter().any(|n| n.contains("AES_256_GCM")), "{names:?}");
+        let relaxed = TlsSettings::new(true);
+        assert_eq!(relaxed.versions.len(), 2);
+        for suite in &relaxed.provider.cipher_suites {
+            let name = format!("{:?}", suite.suite());
+            if suite.version() == &rustls::version::TLS12 {
+                assert!(name.contains("ECDHE"), "{name} has no forward secrecy");
+                assert!(
+                    name.contains("GCM") || name.contains("CHACHA20_POLY1305"),
+                    "{name} is not an AEAD suite"
+                );
+            }
+        }
+        assert!(relaxed
+            .provider
+            .cipher_suites
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS12));
+    }
+}
