@@ -133,7 +133,7 @@ pub(crate) async fn handle(
             return;
         }
     };
-    let (send, recv) = match tunnel::open_stream(checkout.sender(), endpoint, original).await {
+    let (send, answer) = match tunnel::start_stream(checkout.sender(), endpoint, original).await {
         Ok(s) => s,
         Err(e) => {
             if matches!(e, tunnel::TunnelError::Http2 { .. }) {
@@ -158,6 +158,15 @@ pub(crate) async fn handle(
         destination: original,
     });
     let bytes = registration.bytes();
+    let checkout_ref = &checkout;
+    let recv = async move {
+        answer.await.map_err(|e| {
+            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                checkout_ref.poison();
+            }
+            std::io::Error::other(e)
+        })
+    };
     let result =
         copy::copy_bidirectional(app, send, recv, &bytes.from_source, &bytes.to_source).await;
     drop(checkout);

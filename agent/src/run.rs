@@ -116,7 +116,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         identities,
         bundle: bundle.clone(),
         tls: tls_settings,
-        pool: Pool::new(config.max_streams_per_connection),
+        pool: Pool::with_spread(
+            config.max_streams_per_connection,
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        ),
         unknown_destination: config.unknown_destination,
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),

@@ -208,7 +208,7 @@ async fn handle_stream(
         result = copy::copy_bidirectional(
             app,
             send,
-            request.into_body(),
+            std::future::ready(Ok(request.into_body())),
             &registration.bytes().to_source,
             &registration.bytes().from_source,
         ) => result,

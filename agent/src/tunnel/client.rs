@@ -138,13 +138,21 @@ fn marked_socket(endpoint: SocketAddr) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-/// Sends `CONNECT authority` and waits for the 200.
-pub async fn open_stream(
+/// Sends `CONNECT authority` without waiting for the answer: the caller may send data at once
+/// (the peer agent delivers nothing before it has decided and connected), and awaits the
+/// returned future for the peer's stream, which fails unless the answer is 200.
+pub async fn start_stream(
     mut sender: h2::client::SendRequest<Bytes>,
     endpoint: SocketAddr,
     authority: SocketAddr,
-) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), TunnelError> {
-    let h2_err = |source| TunnelError::Http2 {
+) -> Result<
+    (
+        h2::SendStream<Bytes>,
+        impl std::future::Future<Output = Result<h2::RecvStream, TunnelError>>,
+    ),
+    TunnelError,
+> {
+    let h2_err = move |source| TunnelError::Http2 {
         addr: endpoint,
         source,
     };
@@ -159,12 +167,15 @@ pub async fn open_stream(
         })?;
     sender = sender.ready().await.map_err(h2_err)?;
     let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
-    let response = response.await.map_err(h2_err)?;
-    if response.status() != http::StatusCode::OK {
-        return Err(TunnelError::Refused {
-            authority: authority.to_string(),
-            status: response.status(),
-        });
-    }
-    Ok((send, response.into_body()))
+    let answer = async move {
+        let response = response.await.map_err(h2_err)?;
+        if response.status() != http::StatusCode::OK {
+            return Err(TunnelError::Refused {
+                authority: authority.to_string(),
+                status: response.status(),
+            });
+        }
+        Ok(response.into_body())
+    };
+    Ok((send, answer))
 }

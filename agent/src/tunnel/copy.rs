@@ -36,10 +36,14 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// puts both halves behind one lock, which the two directions then fight over.
 ///
 /// `from_tcp` and `to_tcp` count the bytes as they move, for live views.
+///
+/// `recv` may still be on its way (the client side sends the app's first bytes with the
+/// `CONNECT`, before the peer's answer: one round trip less per connection); if it fails, both
+/// directions end and the stream is reset.
 pub async fn copy_bidirectional(
     tcp: tokio::net::TcpStream,
     mut send: h2::SendStream<Bytes>,
-    mut recv: h2::RecvStream,
+    recv: impl std::future::Future<Output = io::Result<h2::RecvStream>>,
     from_tcp: &AtomicU64,
     to_tcp: &AtomicU64,
 ) -> io::Result<Transferred> {
@@ -52,6 +56,7 @@ pub async fn copy_bidirectional(
         n
     };
     let down = async {
+        let mut recv = recv.await?;
         let n = stream_to_tcp(&mut recv, &mut wr, to_tcp).await;
         if n.is_ok() {
             let _ = wr.shutdown().await;

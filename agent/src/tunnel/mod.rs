@@ -6,7 +6,7 @@ pub mod pool;
 
 use std::time::Duration;
 
-pub use client::{open_stream, TunnelConnector};
+pub use client::{start_stream, TunnelConnector};
 pub use pool::{Credentials, Pool, PoolKey};
 
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link without

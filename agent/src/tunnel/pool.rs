@@ -103,6 +103,8 @@ impl Drop for Checkout {
 /// The pool.
 pub struct Pool {
     max_streams: usize,
+    /// Connections per key that busy streams are spread over before sharing.
+    spread: usize,
     connections: Mutex<HashMap<PoolKey, Vec<Arc<PooledConnection>>>>,
     /// One connection set-up at a time per key, so a burst of new streams shares one handshake.
     dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -110,8 +112,14 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(max_streams: usize) -> Self {
+        Self::with_spread(max_streams, 1)
+    }
+
+    /// A pool that spreads busy streams over up to `spread` connections per key first.
+    pub fn with_spread(max_streams: usize, spread: usize) -> Self {
         Self {
             max_streams: max_streams.max(1),
+            spread: spread.max(1),
             connections: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
         }
@@ -130,9 +138,19 @@ impl Pool {
             !c.closed.load(Ordering::Acquire)
                 && (current(&c.credentials) || c.active.load(Ordering::Acquire) > 0)
         });
-        let conn = list
-            .iter()
-            .filter(|c| current(&c.credentials))
+        // Busy streams are spread over up to `spread` connections (one per worker thread, so
+        // that the TLS work of parallel streams runs on every core); past that, the least
+        // loaded connection with room takes the stream.
+        let usable: Vec<&Arc<PooledConnection>> =
+            list.iter().filter(|c| current(&c.credentials)).collect();
+        if usable.len() < self.spread && usable.iter().all(|c| c.active.load(Ordering::Acquire) > 0)
+        {
+            return None;
+        }
+        let mut by_load = usable;
+        by_load.sort_by_key(|c| c.active.load(Ordering::Acquire));
+        let conn = by_load
+            .into_iter()
             .find(|c| c.try_reserve(self.max_streams))?;
         Some(Checkout { conn: conn.clone() })
     }
@@ -266,6 +284,39 @@ mod tests {
             4,
             "no healthy connection left: dial anew"
         );
+    }
+
+    #[tokio::test]
+    async fn busy_streams_spread_over_connections_then_share_the_least_loaded() {
+        let pool = Pool::with_spread(10, 2);
+        let any = |_: &Credentials| true;
+        let dials = AtomicUsize::new(0);
+        let k = key("10.0.0.2:15008");
+        let dial = || async {
+            dials.fetch_add(1, Ordering::SeqCst);
+            Ok(h2_pair().await)
+        };
+        let a = pool.checkout(&k, &any, dial).await.expect("a");
+        let b = pool.checkout(&k, &any, dial).await.expect("b");
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            2,
+            "a second busy stream gets its own connection"
+        );
+        assert!(!Arc::ptr_eq(&a.conn, &b.conn));
+        let c = pool.checkout(&k, &any, dial).await.expect("c");
+        assert_eq!(dials.load(Ordering::SeqCst), 2, "then they share");
+        // Loads are now 2 (a, c) and 1 (b): the next goes to b's connection.
+        assert!(Arc::ptr_eq(&c.conn, &a.conn));
+        let d = pool.checkout(&k, &any, dial).await.expect("d");
+        assert!(
+            Arc::ptr_eq(&d.conn, &b.conn),
+            "the least loaded connection takes it"
+        );
+        drop((a, b, c, d));
+        // One stream at a time reuses an idle connection: no dial.
+        let _e = pool.checkout(&k, &any, dial).await.expect("e");
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
