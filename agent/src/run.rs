@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// Requested certificate lifetime in seconds (the CA may shorten it).
     #[arg(long, default_value_t = 24 * 3600)]
     pub cert_lifetime: u64,
+    /// Tunnel connections per destination that busy streams spread over before sharing one
+    /// (more spreads the TLS work of parallel streams over cores, at some memory per stream).
+    #[arg(long, default_value_t = 1)]
+    pub tunnel_connections_per_destination: usize,
     /// Streams per pooled tunnel connection.
     #[arg(long, default_value_t = 100)]
     pub max_streams_per_connection: usize,
@@ -118,9 +122,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tls: tls_settings,
         pool: Pool::with_spread(
             config.max_streams_per_connection,
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            config.tunnel_connections_per_destination,
         ),
         unknown_destination: config.unknown_destination,
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
