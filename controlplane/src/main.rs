@@ -160,6 +160,14 @@ async fn main() -> anyhow::Result<()> {
         );
         let (signer, trust) =
             pki::generate_dev(&args.trust_domain).context("generating the dev CA")?;
+        // Agents verify the control plane against a root they are given: write the throwaway
+        // one where they can be pointed at it.
+        std::fs::create_dir_all(&args.state_dir)
+            .with_context(|| format!("creating {}", args.state_dir.display()))?;
+        let root_file = args.state_dir.join("dev-root.pem");
+        std::fs::write(&root_file, trust.roots_pem.concat())
+            .with_context(|| format!("writing {}", root_file.display()))?;
+        tracing::warn!(root = %root_file.display(), "DEV MODE: agents need --control-plane-roots {}", root_file.display());
         let ca = Arc::new(ca::CertificateAuthority::new(
             &args.trust_domain,
             signer,
