@@ -149,10 +149,27 @@ impl ViewArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     meshlet_agent::logging::init(cli.log_format);
+    // The agent gets a multi-threaded runtime sized by `--worker-threads`; the CLI commands
+    // make one request each and need no more than one thread.
+    let runtime = match &cli.command {
+        Command::Agent(config) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.worker_threads > 0 {
+                builder.worker_threads(config.worker_threads);
+            }
+            builder
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(config) => run::run(config).await,
         Command::Status { view } => {

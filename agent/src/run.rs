@@ -52,6 +52,10 @@ pub struct AgentConfig {
     /// (more spreads the TLS work of parallel streams over cores, at some memory per stream).
     #[arg(long, default_value_t = 1)]
     pub tunnel_connections_per_destination: usize,
+    /// Threads that run connections (0: one per core). On a lab machine whose nodes share
+    /// the cores, one per node avoids threads waking each other across cores.
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
     /// Streams per pooled tunnel connection.
     #[arg(long, default_value_t = 100)]
     pub max_streams_per_connection: usize,

@@ -24,6 +24,8 @@ pub struct Plan {
     /// Plain and meshlet are measured alternately this many times; the table shows medians.
     pub rounds: u32,
     pub name: &'static str,
+    /// Extra arguments for both agents (the configuration under test).
+    pub agent_args: Vec<String>,
 }
 
 impl Plan {
@@ -35,6 +37,7 @@ impl Plan {
             idle_connections: 10_000,
             rounds: 3,
             name: "bench",
+            agent_args: Vec::new(),
         }
     }
 
@@ -47,6 +50,7 @@ impl Plan {
             idle_connections: 200,
             rounds: 1,
             name: "bench-quick",
+            agent_args: Vec::new(),
         }
     }
 }
@@ -194,8 +198,13 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         PodSpec::new("pclient", "node-1", "plain").outside_mesh(),
         PodSpec::new("pserver", "node-2", "plain").outside_mesh(),
     ];
-    println!("== bench ({}): bringing up the lab", plan.name);
-    let lab = Lab::up(&pods, &LabOptions::new(bin_dir))?;
+    println!(
+        "== bench ({}): bringing up the lab (agent arguments: {:?})",
+        plan.name, plan.agent_args
+    );
+    let mut options = LabOptions::new(bin_dir);
+    options.agent_args = plan.agent_args.clone();
+    let lab = Lab::up(&pods, &options)?;
     let ip = |pod: &str| -> anyhow::Result<String> {
         Ok(lab.topology.pod(pod).context("pod")?.ip.to_string())
     };
@@ -398,7 +407,7 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
     std::fs::write(
         &file,
         serde_json::to_vec_pretty(
-            &json!({ "plan": plan.name, "seconds": plan.seconds, "rows": json_rows }),
+            &json!({ "plan": plan.name, "seconds": plan.seconds, "agent_args": plan.agent_args, "rows": json_rows }),
         )?,
     )?;
     println!("written: {}", file.display());

@@ -38,6 +38,9 @@ enum Cmd {
         /// A short smoke run (no figure means anything).
         #[arg(long)]
         quick: bool,
+        /// An extra argument for every agent (repeatable), e.g. `--agent-arg=--worker-threads=1`.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Bring the lab up or down, look at it, run commands in it.
     Lab {
@@ -360,15 +363,15 @@ fn main() -> anyhow::Result<()> {
             demo::run(&bin_dir, Duration::from_secs(60))
         }
         Cmd::Lab { action } => lab_cmd(action),
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, agent_args } => {
             setup()?;
-            if quick {
-                let bin_dir = build(false)?;
-                bench::run(&bin_dir, bench::Plan::quick())
+            let (bin_dir, mut plan) = if quick {
+                (build(false)?, bench::Plan::quick())
             } else {
-                let bin_dir = build(true)?;
-                bench::run(&bin_dir, bench::Plan::full())
-            }
+                (build(true)?, bench::Plan::full())
+            };
+            plan.agent_args = agent_args;
+            bench::run(&bin_dir, plan)
         }
     }
 }
