@@ -68,69 +68,73 @@ pub(crate) async fn handle(
             return;
         }
     };
-    let client_leaf = own_certificate
-        .certified_key
-        .cert
-        .first()
-        .map(|c| c.to_vec())
-        .unwrap_or_default();
-    let signer = agent
-        .bundle
-        .current()
-        .signer_chain
-        .first()
-        .map(|c| c.to_vec());
-    // New streams only on a connection made with our current certificate and, once the CA
-    // signs with a new signer, with a server certificate from it.
-    let now = std::time::SystemTime::now();
-    let current = |c: &Credentials| {
-        c.client_leaf == client_leaf
-            && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
-            && c.server_not_after.is_none_or(|t| t > now)
-    };
+    // The pool lookup's values (our leaf, the signer, the key) are dropped once we have a
+    // connection: an idle tunnelled connection should hold only what it moves bytes with.
     let endpoint = SocketAddr::new(original.ip(), TUNNEL_PORT);
-    let key = PoolKey {
-        source_pod: pod.uid.clone(),
-        source_identity: source_identity.clone(),
-        endpoint,
-        expected: vec![destination.identity.clone()],
-    };
-    let connect = || async {
-        let config = tls::client_config(
-            &agent.tls,
-            agent.bundle.clone(),
-            agent.identities.clone(),
-            source_identity.clone(),
-            vec![destination.identity.clone()],
-        )?;
-        let connector = TunnelConnector {
-            netns: &pod.netns,
-            tls: config,
-            bundle: agent.bundle.clone(),
-            provider: agent.tls.provider.clone(),
-            client_leaf: client_leaf.clone(),
+    let checkout = {
+        let client_leaf = own_certificate
+            .certified_key
+            .cert
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        let signer = agent
+            .bundle
+            .current()
+            .signer_chain
+            .first()
+            .map(|c| c.to_vec());
+        // New streams only on a connection made with our current certificate and, once the CA
+        // signs with a new signer, with a server certificate from it.
+        let now = std::time::SystemTime::now();
+        let current = |c: &Credentials| {
+            c.client_leaf == client_leaf
+                && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
+                && c.server_not_after.is_none_or(|t| t > now)
         };
-        match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
-            Ok(result) => result,
-            Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
-        }
-    };
-    let checkout = match agent.pool.checkout(&key, &current, connect).await {
-        Ok(c) => c,
-        Err(e) => {
-            if let tunnel::TunnelError::Handshake { source, .. } = &e {
-                agent
-                    .metrics
-                    .handshake_failures
-                    .get_or_create(&crate::metrics::FailureLabels {
-                        direction: "outbound",
-                        reason: tls::handshake_failure_reason(source),
-                    })
-                    .inc();
+        let key = PoolKey {
+            source_pod: pod.uid.clone(),
+            source_identity: source_identity.clone(),
+            endpoint,
+            expected: vec![destination.identity.clone()],
+        };
+        let connect = || async {
+            let config = tls::client_config(
+                &agent.tls,
+                agent.bundle.clone(),
+                agent.identities.clone(),
+                source_identity.clone(),
+                vec![destination.identity.clone()],
+            )?;
+            let connector = TunnelConnector {
+                netns: &pod.netns,
+                tls: config,
+                bundle: agent.bundle.clone(),
+                provider: agent.tls.provider.clone(),
+                client_leaf: client_leaf.clone(),
+            };
+            match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
+                Ok(result) => result,
+                Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
             }
-            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-                dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
-            return;
+        };
+        match agent.pool.checkout(&key, &current, connect).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let tunnel::TunnelError::Handshake { source, .. } = &e {
+                    agent
+                        .metrics
+                        .handshake_failures
+                        .get_or_create(&crate::metrics::FailureLabels {
+                            direction: "outbound",
+                            reason: tls::handshake_failure_reason(source),
+                        })
+                        .inc();
+                }
+                tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+                    dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
+                return;
+            }
         }
     };
     let (send, answer) = match tunnel::start_stream(checkout.sender(), endpoint, original).await {

@@ -7,7 +7,10 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::tcp::OwnedReadHalf,
+};
 
 /// Read size from the TCP side; also the most we hand HTTP/2 at once.
 const CHUNK: usize = 64 * 1024;
@@ -70,23 +73,22 @@ pub async fn copy_bidirectional(
     })
 }
 
-async fn tcp_to_stream<R: AsyncRead + Unpin>(
-    rd: &mut R,
+async fn tcp_to_stream(
+    rd: &mut OwnedReadHalf,
     send: &mut h2::SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        buf.reserve(CHUNK);
-        let n = rd.read_buf(&mut buf).await?;
+        let buf = read_when_ready(rd).await?;
+        let n = buf.len();
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
-        let mut data = buf.split().freeze();
+        let mut data = buf.freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -98,6 +100,29 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
             }
             let chunk = data.split_to(granted.min(data.len()));
             send.send_data(chunk, false).map_err(h2_io)?;
+        }
+    }
+}
+
+/// Waits until the socket has something to read, and only then takes a buffer for it: an idle
+/// connection holds no buffer (thousands of idle connections are the common case, and each
+/// 64 KiB buffer costs at least the page its allocator header is written to). The chunk goes
+/// to HTTP/2 whole, so a new buffer per read costs no more than reusing one would: a buffer
+/// still referenced by queued frames cannot be reused anyway.
+async fn read_when_ready(rd: &mut OwnedReadHalf) -> io::Result<BytesMut> {
+    let mut buf = BytesMut::new();
+    read_into(rd, &mut buf).await?;
+    Ok(buf)
+}
+
+/// Reads once into `buf` (given room for a chunk only once the socket is readable).
+async fn read_into(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        rd.readable().await?;
+        buf.reserve(CHUNK);
+        match rd.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result,
         }
     }
 }
@@ -136,20 +161,22 @@ pub async fn copy_tcp(
     )
 }
 
-async fn one_way<R, W>(rd: &mut R, wr: &mut W, counter: &AtomicU64) -> io::Result<u64>
+async fn one_way<W>(rd: &mut OwnedReadHalf, wr: &mut W, counter: &AtomicU64) -> io::Result<u64>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
+    // One buffer, reused: allocated (not zeroed) at the first read, so an idle connection
+    // holds none and a quiet one only the pages its data touched.
+    let mut buf = BytesMut::new();
     loop {
-        let n = rd.read(&mut buf).await?;
+        buf.clear();
+        let n = read_into(rd, &mut buf).await?;
         if n == 0 {
             wr.shutdown().await?;
             return Ok(total);
         }
-        wr.write_all(&buf[..n]).await?;
+        wr.write_all(&buf).await?;
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
