@@ -8,7 +8,7 @@ use std::{
 };
 
 use meshlet_common::DELIVER_MARK;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{netns::Netns, redirect::Redirect};
@@ -41,26 +41,31 @@ pub async fn connect_to_app(
     avoid_port: Option<u16>,
 ) -> Result<TcpStream, DeliverError> {
     let name = netns.path().display().to_string();
-    let socket = netns
-        .run(move || {
-            // The kernel picks the port at bind(); on the rare pick of the avoided one, again.
-            for _ in 0..8 {
-                let socket = transparent_socket(src, dst)?;
-                let port = socket.local_addr()?.as_socket().map(|a| a.port());
-                if avoid_port.is_none() || port != avoid_port {
-                    return Ok(socket);
-                }
-            }
-            Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "no free source port for delivery",
-            ))
-        })
-        .await?
-        .map_err(|source| DeliverError::Socket {
-            netns: name,
-            source,
-        })?;
+    let socket_error = |source| DeliverError::Socket {
+        netns: name.clone(),
+        source,
+    };
+    // The kernel picks the port at bind(); on the rare pick of the avoided one, again.
+    let mut socket = None;
+    for _ in 0..8 {
+        let candidate =
+            transparent_socket(netns.tcp_socket(dst).await?, src, dst).map_err(socket_error)?;
+        let port = candidate
+            .local_addr()
+            .map_err(socket_error)?
+            .as_socket()
+            .map(|a| a.port());
+        if avoid_port.is_none() || port != avoid_port {
+            socket = Some(candidate);
+            break;
+        }
+    }
+    let socket = socket.ok_or_else(|| {
+        socket_error(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free source port for delivery",
+        ))
+    })?;
     let from = socket
         .local_addr()
         .ok()
@@ -84,8 +89,14 @@ pub async fn connect_to_app(
     }
 }
 
-fn transparent_socket(src: IpAddr, dst: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+/// Makes a fresh socket of the pod's namespace a delivery socket: marked, transparent, bound
+/// to the remote client's address.
+fn transparent_socket(
+    socket: io::Result<Socket>,
+    src: IpAddr,
+    dst: SocketAddr,
+) -> io::Result<Socket> {
+    let socket = socket?;
     socket.set_mark(DELIVER_MARK)?;
     match dst {
         SocketAddr::V4(_) => socket.set_ip_transparent(true)?,

@@ -5,11 +5,22 @@
 //! only socket creation (and netlink/sysctl set-up) has to happen inside. Keeping one thread
 //! per pod parked in the namespace makes that a channel send instead of a thread spawn and two
 //! `setns` calls per connection.
+//!
+//! A new connection should not even wait for that thread: it keeps a small stash of plain TCP
+//! sockets made in advance, which any thread may take, bind and connect (options such as marks
+//! and `IP_TRANSPARENT` are per socket, not per thread). The stash is topped up in the
+//! background once it runs low, so only a burst larger than the stash waits for the thread.
 use std::{
     fs::File,
+    io,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
 };
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 use nix::sched::CloneFlags;
 use tokio::sync::oneshot;
@@ -34,11 +45,65 @@ pub enum NetnsError {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Sockets kept ready per address family.
+const STASH_SIZE: usize = 32;
+/// Below this many, the namespace's thread is asked to top the stash up.
+const STASH_LOW: usize = 8;
+
+/// Unbound TCP sockets made inside the namespace, per family; empty until first asked for, so
+/// a pod that makes no connections holds none.
+#[derive(Default)]
+struct SocketStash {
+    v4: Mutex<Vec<Socket>>,
+    v6: Mutex<Vec<Socket>>,
+    refilling: [AtomicBool; 2],
+}
+
+impl SocketStash {
+    fn slot(&self, ipv6: bool) -> (&Mutex<Vec<Socket>>, &AtomicBool) {
+        if ipv6 {
+            (&self.v6, &self.refilling[1])
+        } else {
+            (&self.v4, &self.refilling[0])
+        }
+    }
+
+    /// Takes a socket, and says whether the stash is now low.
+    fn take(&self, ipv6: bool) -> (Option<Socket>, bool) {
+        let mut sockets = self.slot(ipv6).0.lock().unwrap_or_else(|e| e.into_inner());
+        let socket = sockets.pop();
+        (socket, sockets.len() < STASH_LOW)
+    }
+
+    /// On the namespace's thread: fills the stash (a failure, e.g. out of descriptors, leaves
+    /// it short and the next connection makes its own socket and reports the error).
+    fn fill(&self, ipv6: bool) {
+        let (stash, refilling) = self.slot(ipv6);
+        let missing =
+            STASH_SIZE.saturating_sub(stash.lock().unwrap_or_else(|e| e.into_inner()).len());
+        let mut made = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            match new_tcp_socket(ipv6) {
+                Ok(socket) => made.push(socket),
+                Err(_) => break,
+            }
+        }
+        stash.lock().unwrap_or_else(|e| e.into_inner()).extend(made);
+        refilling.store(false, Ordering::Release);
+    }
+}
+
+fn new_tcp_socket(ipv6: bool) -> io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
+}
+
 /// An open network namespace and the thread that lives in it.
 pub struct Netns {
     path: PathBuf,
     jobs: mpsc::Sender<Job>,
     file: File,
+    stash: Arc<SocketStash>,
 }
 
 impl std::os::fd::AsFd for Netns {
@@ -90,6 +155,7 @@ impl Netns {
                 path: path.to_path_buf(),
                 jobs,
                 file,
+                stash: Arc::default(),
             }),
             Ok(Err(source)) => Err(NetnsError::NotANetns {
                 path: path.to_path_buf(),
@@ -118,6 +184,27 @@ impl Netns {
         rx.await
             .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
     }
+
+    /// A new, unbound TCP socket of the namespace (blocking mode, no options set), for `addr`'s
+    /// family: from the stash when it has one, else made by the namespace's thread.
+    pub async fn tcp_socket(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Result<io::Result<Socket>, NetnsError> {
+        let ipv6 = addr.is_ipv6();
+        let (socket, low) = self.stash.take(ipv6);
+        if low && !self.stash.slot(ipv6).1.swap(true, Ordering::AcqRel) {
+            let stash = self.stash.clone();
+            // Not awaited: the connection goes on with what it took (or makes its own below).
+            if self.jobs.send(Box::new(move || stash.fill(ipv6))).is_err() {
+                self.stash.slot(ipv6).1.store(false, Ordering::Release);
+            }
+        }
+        match socket {
+            Some(socket) => Ok(Ok(socket)),
+            None => self.run(move || new_tcp_socket(ipv6)).await,
+        }
+    }
 }
 
 /// The kernel's cookie for the network namespace a socket lives in (`SO_NETNS_COOKIE`, 5.14);
@@ -141,5 +228,76 @@ pub fn socket_netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u
         Ok(cookie)
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::fd::AsFd, time::Duration};
+
+    use super::*;
+
+    /// A namespace of the test's own: a thread unshares into it and stays until told to end.
+    fn private_netns() -> (PathBuf, mpsc::Sender<()>) {
+        let (path_tx, path_rx) = mpsc::channel();
+        let (end_tx, end_rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let path = nix::sched::unshare(CloneFlags::CLONE_NEWNET).map(|()| {
+                PathBuf::from(format!(
+                    "/proc/{}/task/{}/ns/net",
+                    std::process::id(),
+                    nix::unistd::gettid()
+                ))
+            });
+            let _ = path_tx.send(path);
+            let _ = end_rx.recv();
+        });
+        let path = path_rx
+            .recv()
+            .expect("the namespace thread")
+            .expect("unshare(CLONE_NEWNET) (run as root)");
+        (path, end_tx)
+    }
+
+    fn cookie(socket: &Socket) -> u64 {
+        socket_netns_cookie(socket.as_fd()).expect("SO_NETNS_COOKIE")
+    }
+
+    #[tokio::test]
+    async fn stashed_sockets_belong_to_the_namespace_and_the_stash_refills() {
+        let (path, _end) = private_netns();
+        let netns = Netns::open(&path).expect("open the namespace");
+        let inside = cookie(
+            &netns
+                .run(|| new_tcp_socket(false))
+                .await
+                .expect("run")
+                .expect("socket"),
+        );
+        assert_ne!(inside, cookie(&new_tcp_socket(false).expect("socket")));
+
+        let v4: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
+        let v6: std::net::SocketAddr = "[fd00::1]:80".parse().expect("addr");
+        // More than the stash holds: the first ones are made on demand, the rest come from
+        // the stash as the namespace's thread fills it; all of them from inside.
+        for _ in 0..STASH_SIZE * 3 {
+            let socket = netns.tcp_socket(v4).await.expect("netns").expect("socket");
+            assert_eq!(cookie(&socket), inside);
+            assert_eq!(socket.domain().expect("domain"), Domain::IPV4);
+        }
+        let socket = netns.tcp_socket(v6).await.expect("netns").expect("socket");
+        assert_eq!(cookie(&socket), inside);
+        assert_eq!(socket.domain().expect("domain"), Domain::IPV6);
+
+        // Topped up in the background, and never past its size.
+        let filled = |ipv6: bool| netns.stash.slot(ipv6).0.lock().expect("stash").len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while (filled(false) < STASH_LOW || filled(true) < STASH_LOW)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!((STASH_LOW..=STASH_SIZE).contains(&filled(false)));
+        assert!((STASH_LOW..=STASH_SIZE).contains(&filled(true)));
     }
 }

@@ -118,7 +118,9 @@ pub(crate) async fn handle(
                 Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
             }
         };
-        match agent.pool.checkout(&key, &current, connect).await {
+        // Boxed: a tunnel set-up (TCP, TLS and HTTP/2 handshakes) is a large future, and in
+        // place it would size every connection's task, idle ones included, for its whole life.
+        match Box::pin(agent.pool.checkout(&key, &current, connect)).await {
             Ok(c) => c,
             Err(e) => {
                 if let tunnel::TunnelError::Handshake { source, .. } = &e {
@@ -192,20 +194,25 @@ pub(crate) async fn handle(
 /// Plaintext, from the pod itself: to a destination outside the mesh when the operator chose
 /// passthrough, or to a destination whose mode is DISABLE.
 async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr, why: &str) {
-    let socket = pod
-        .netns
-        .run(move || -> std::io::Result<socket2::Socket> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(original),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            s.set_mark(AGENT_MARK)?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        })
-        .await;
-    let Ok(Ok(socket)) = socket else { return };
+    let socket = pod.netns.tcp_socket(original).await.map(|socket| {
+        let s = socket?;
+        s.set_mark(AGENT_MARK)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
+    let socket = match socket {
+        Ok(Ok(socket)) => socket,
+        Ok(Err(e)) => {
+            tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
+                dst = %original, outcome = "failed", reason = %format!("cannot make the plaintext socket: {e}"));
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
+                dst = %original, outcome = "failed", reason = %e);
+            return;
+        }
+    };
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
     match socket.connect(original).await {
         Ok(mut upstream) => {

@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 use meshlet_common::AGENT_MARK;
 use rustls_pki_types::ServerName;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tokio::net::TcpSocket;
 
 use super::{
@@ -48,8 +48,9 @@ impl TunnelConnector<'_> {
     pub async fn connect(&self, endpoint: SocketAddr) -> Result<PooledConnection, TunnelError> {
         let socket = self
             .netns
-            .run(move || marked_socket(endpoint))
+            .tcp_socket(endpoint)
             .await?
+            .and_then(marked)
             .map_err(|source| TunnelError::Connect {
                 addr: endpoint,
                 source,
@@ -126,12 +127,8 @@ impl TunnelConnector<'_> {
     }
 }
 
-fn marked_socket(endpoint: SocketAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(endpoint),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+/// A tunnel socket carries the agent's mark, so the redirect programs leave it alone.
+fn marked(socket: Socket) -> std::io::Result<Socket> {
     socket.set_mark(AGENT_MARK)?;
     socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
