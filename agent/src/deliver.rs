@@ -31,8 +31,23 @@ pub enum DeliverError {
     Routing { netns: String, reason: String },
 }
 
+/// Tries at most this many source ports per delivery (each try that fails costs a socket and
+/// a bind or a refused connect, a few microseconds, no packet).
+const PORT_ATTEMPTS: usize = 32;
+
 /// Connects to `dst` inside the pod, with `src` (the remote client's address) as source and
 /// any local port but `avoid_port`.
+///
+/// The source port is ours to pick, at random in the pod's ephemeral range, with
+/// `SO_REUSEADDR`: a delivery socket usually closes first (the remote client did), so it is the
+/// delivery that leaves a TIME_WAIT in the pod, and the kernel's own pick at `bind(port 0)`
+/// needs a port nobody holds, TIME_WAITs included. Some 14 000 of them (a minute of 250 new
+/// connections a second from one client address) made every such bind search the range, and
+/// deliveries fell to ~1 000 a second. An explicit port with `SO_REUSEADDR` binds over
+/// TIME_WAITs, and `connect` takes a TIME_WAIT of the same 4-tuple over (with TCP timestamps,
+/// as for `tcp_tw_reuse`); it refuses a 4-tuple in use (`EADDRNOTAVAIL`), and we try another
+/// port. The port must be known before the SYN anyway: the `DELIVERIES` pass that lets our
+/// SYN past inbound capture names it.
 pub async fn connect_to_app(
     redirect: &Redirect,
     netns: &Netns,
@@ -40,60 +55,70 @@ pub async fn connect_to_app(
     dst: SocketAddr,
     avoid_port: Option<u16>,
 ) -> Result<TcpStream, DeliverError> {
-    let name = netns.path().display().to_string();
     let socket_error = |source| DeliverError::Socket {
-        netns: name.clone(),
+        netns: netns.path().display().to_string(),
         source,
     };
-    // The kernel picks the port at bind(); on the rare pick of the avoided one, again.
-    let mut socket = None;
-    for _ in 0..8 {
-        let candidate =
-            transparent_socket(netns.tcp_socket(dst).await?, src, dst).map_err(socket_error)?;
-        let port = candidate
+    let ports = netns.ephemeral_ports();
+    let mut last_error = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), ports.clone());
+        if Some(port) == avoid_port {
+            continue;
+        }
+        let socket = match transparent_socket(netns.tcp_socket(dst).await?, src, port, dst) {
+            Ok(socket) => socket,
+            // Held by a socket we may not share it with (an app's listener, say).
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                last_error = Some(e);
+                continue;
+            }
+            Err(e) => return Err(socket_error(e)),
+        };
+        let from = socket
             .local_addr()
-            .map_err(socket_error)?
-            .as_socket()
-            .map(|a| a.port());
-        if avoid_port.is_none() || port != avoid_port {
-            socket = Some(candidate);
-            break;
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| {
+                socket_error(io::Error::other("the delivery socket has no local address"))
+            })?;
+        // Our own SYN to the app must not be captured as if it came from outside.
+        let pass = redirect.delivery_pass(from, dst)?;
+        let socket = TcpSocket::from_std_stream(socket.into());
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;
+        drop(pass);
+        match connected {
+            Ok(Ok(stream)) => return Ok(stream),
+            // This very 4-tuple is in use (or in TIME_WAIT without timestamps): another port.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => last_error = Some(e),
+            Ok(Err(source)) => return Err(DeliverError::Connect { dst, source }),
+            Err(_) => {
+                return Err(DeliverError::Connect {
+                    dst,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
         }
     }
-    let socket = socket.ok_or_else(|| {
-        socket_error(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "no free source port for delivery",
-        ))
-    })?;
-    let from = socket
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| DeliverError::Socket {
-            netns: netns.path().display().to_string(),
-            source: io::Error::other("the delivery socket has no local address"),
-        })?;
-    // Our own SYN to the app must not be captured as if it came from outside.
-    let pass = redirect.delivery_pass(from, dst)?;
-    let socket = TcpSocket::from_std_stream(socket.into());
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;
-    drop(pass);
-    match connected {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(DeliverError::Connect { dst, source }),
-        Err(_) => Err(DeliverError::Connect {
-            dst,
-            source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-        }),
-    }
+    Err(socket_error(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "no free source port for delivery in {}-{} after {PORT_ATTEMPTS} tries (last: {})",
+            ports.start(),
+            ports.end(),
+            last_error
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "none".into())
+        ),
+    )))
 }
 
-/// Makes a fresh socket of the pod's namespace a delivery socket: marked, transparent, bound
-/// to the remote client's address.
+/// Makes a fresh socket of the pod's namespace a delivery socket: marked, transparent,
+/// sharing ports with TIME_WAITs, bound to the remote client's address and `port`.
 fn transparent_socket(
     socket: io::Result<Socket>,
     src: IpAddr,
+    port: u16,
     dst: SocketAddr,
 ) -> io::Result<Socket> {
     let socket = socket?;
@@ -102,6 +127,7 @@ fn transparent_socket(
         SocketAddr::V4(_) => socket.set_ip_transparent(true)?,
         SocketAddr::V6(_) => set_ipv6_transparent(&socket)?,
     }
+    socket.set_reuse_address(true)?;
     let src = match (src, dst) {
         // A v4 client reaching a v6-addressed app (or the reverse) keeps the app's family.
         (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
@@ -111,7 +137,7 @@ fn transparent_socket(
             .unwrap_or(IpAddr::V6(v6)),
         (src, _) => src,
     };
-    socket.bind(&SocketAddr::new(src, 0).into())?;
+    socket.bind(&SocketAddr::new(src, port).into())?;
     socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
     Ok(socket)
@@ -228,5 +254,98 @@ fn ignore_exists(result: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::
     match result {
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{Ipv4Addr, TcpListener},
+    };
+
+    use super::*;
+    use crate::netns::{private_netns, Netns};
+
+    /// What `connect_to_app` relies on, in a namespace of the test's own: a port whose
+    /// delivery is in TIME_WAIT cannot be bound without `SO_REUSEADDR`; a delivery socket
+    /// binds it, reconnects the very same 4-tuple (the kernel takes a TIME_WAIT over for an
+    /// explicitly bound port when timestamps are on) and reaches another destination from it.
+    /// (The namespace is the test's own and goes with it.)
+    #[tokio::test]
+    async fn a_delivery_port_in_time_wait_is_reused() {
+        let (path, _end) = private_netns();
+        let netns = Netns::open(&path).expect("open the namespace");
+        let outcome = netns
+            .run(
+                || -> io::Result<(bool, Option<io::ErrorKind>, bool, bool)> {
+                    // Not 127/8: the kernel reuses loopback TIME_WAITs anyway (tcp_tw_reuse=2).
+                    let (app_ip, client_ip) =
+                        (Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 2));
+                    for args in [
+                        "link set lo up",
+                        "addr add 10.1.0.1/32 dev lo",
+                        "addr add 10.1.0.2/32 dev lo",
+                    ] {
+                        let ok = std::process::Command::new("ip")
+                            .args(args.split(' '))
+                            .status()?
+                            .success();
+                        assert!(ok, "ip {args} failed");
+                    }
+                    let first = TcpListener::bind((app_ip, 0))?;
+                    let second = TcpListener::bind((app_ip, 0))?;
+                    let (to_first, to_second) = (first.local_addr()?, second.local_addr()?);
+                    let connect = |dst: SocketAddr| -> io::Result<Socket> {
+                        let socket = transparent_socket(
+                            Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None),
+                            client_ip.into(),
+                            45_000,
+                            dst,
+                        )?;
+                        socket.set_nonblocking(false)?;
+                        socket.connect(&dst.into())?;
+                        Ok(socket)
+                    };
+                    // A delivery that closes first, as deliveries do: it ends in TIME_WAIT.
+                    let mut delivery = connect(to_first)?;
+                    let (mut app, _) = first.accept()?;
+                    delivery.write_all(b"bye")?;
+                    delivery.shutdown(std::net::Shutdown::Write)?;
+                    let mut seen = Vec::new();
+                    app.read_to_end(&mut seen)?;
+                    drop(app);
+                    let mut rest = Vec::new();
+                    delivery.read_to_end(&mut rest)?;
+                    drop(delivery);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    let time_wait = std::process::Command::new("ss")
+                        .args(["-Htan", "state", "time-wait", "sport", "= :45000"])
+                        .output()?;
+                    let in_time_wait = !time_wait.stdout.is_empty();
+                    // What bind(port) meets without SO_REUSEADDR (bind(port 0) skips such ports).
+                    let plain = Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    let plain_bind = plain
+                        .bind(&SocketAddr::new(client_ip.into(), 45_000).into())
+                        .err()
+                        .map(|e| e.kind());
+                    // The same 4-tuple again: an explicitly bound port with timestamps on takes the
+                    // TIME_WAIT over; and the port to another destination.
+                    let same = connect(to_first).is_ok();
+                    let other = connect(to_second).is_ok();
+                    Ok((in_time_wait, plain_bind, same, other))
+                },
+            )
+            .await
+            .expect("run in the namespace")
+            .expect("sockets");
+        let (in_time_wait, plain_bind, same_4_tuple, other_destination) = outcome;
+        assert!(in_time_wait, "the first delivery did not end in TIME_WAIT");
+        assert_eq!(plain_bind, Some(io::ErrorKind::AddrInUse));
+        assert!(same_4_tuple, "the TIME_WAIT 4-tuple was not taken over");
+        assert!(
+            other_destination,
+            "the port was not reused for another destination"
+        );
     }
 }

@@ -104,6 +104,21 @@ pub struct Netns {
     jobs: mpsc::Sender<Job>,
     file: File,
     stash: Arc<SocketStash>,
+    ephemeral_ports: std::ops::RangeInclusive<u16>,
+}
+
+/// The kernel's default `ip_local_port_range`.
+const DEFAULT_EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// `net.ipv4.ip_local_port_range` of the namespace the calling thread is in.
+fn read_ephemeral_ports() -> std::ops::RangeInclusive<u16> {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    match (bounds.next(), bounds.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if 0 < low && low < high => low..=high,
+        _ => DEFAULT_EPHEMERAL_PORTS,
+    }
 }
 
 impl std::os::fd::AsFd for Netns {
@@ -136,7 +151,8 @@ impl Netns {
             .name(name)
             .spawn(move || {
                 // setns() on this thread only: the rest of the agent stays where it was.
-                let entered = nix::sched::setns(&worker_file, CloneFlags::CLONE_NEWNET);
+                let entered = nix::sched::setns(&worker_file, CloneFlags::CLONE_NEWNET)
+                    .map(|()| read_ephemeral_ports());
                 let ok = entered.is_ok();
                 let _ = entered_tx.send(entered);
                 drop(worker_file);
@@ -151,11 +167,12 @@ impl Netns {
                 source,
             })?;
         match entered_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
+            Ok(Ok(ephemeral_ports)) => Ok(Self {
                 path: path.to_path_buf(),
                 jobs,
                 file,
                 stash: Arc::default(),
+                ephemeral_ports,
             }),
             Ok(Err(source)) => Err(NetnsError::NotANetns {
                 path: path.to_path_buf(),
@@ -167,6 +184,12 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, read at open),
+    /// where the agent picks source ports of its own.
+    pub fn ephemeral_ports(&self) -> std::ops::RangeInclusive<u16> {
+        self.ephemeral_ports.clone()
     }
 
     /// Runs `f` inside the namespace and returns its result.
@@ -231,33 +254,35 @@ pub fn socket_netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u
     }
 }
 
+/// A namespace of the test's own: a thread unshares into it and stays until told to end (the
+/// namespace goes with the thread and the last `Netns` of it). Root only.
+#[cfg(test)]
+pub(crate) fn private_netns() -> (PathBuf, mpsc::Sender<()>) {
+    let (path_tx, path_rx) = mpsc::channel();
+    let (end_tx, end_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let path = nix::sched::unshare(CloneFlags::CLONE_NEWNET).map(|()| {
+            PathBuf::from(format!(
+                "/proc/{}/task/{}/ns/net",
+                std::process::id(),
+                nix::unistd::gettid()
+            ))
+        });
+        let _ = path_tx.send(path);
+        let _ = end_rx.recv();
+    });
+    let path = path_rx
+        .recv()
+        .expect("the namespace thread")
+        .expect("unshare(CLONE_NEWNET) (run as root)");
+    (path, end_tx)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{os::fd::AsFd, time::Duration};
 
     use super::*;
-
-    /// A namespace of the test's own: a thread unshares into it and stays until told to end.
-    fn private_netns() -> (PathBuf, mpsc::Sender<()>) {
-        let (path_tx, path_rx) = mpsc::channel();
-        let (end_tx, end_rx) = mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let path = nix::sched::unshare(CloneFlags::CLONE_NEWNET).map(|()| {
-                PathBuf::from(format!(
-                    "/proc/{}/task/{}/ns/net",
-                    std::process::id(),
-                    nix::unistd::gettid()
-                ))
-            });
-            let _ = path_tx.send(path);
-            let _ = end_rx.recv();
-        });
-        let path = path_rx
-            .recv()
-            .expect("the namespace thread")
-            .expect("unshare(CLONE_NEWNET) (run as root)");
-        (path, end_tx)
-    }
 
     fn cookie(socket: &Socket) -> u64 {
         socket_netns_cookie(socket.as_fd()).expect("SO_NETNS_COOKIE")
@@ -266,7 +291,22 @@ mod tests {
     #[tokio::test]
     async fn stashed_sockets_belong_to_the_namespace_and_the_stash_refills() {
         let (path, _end) = private_netns();
+        // A port range of its own, which the namespace must report (not ours).
+        let set_range = |range: &'static str| {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", path.display()))
+                .args([
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv4.ip_local_port_range={range}"),
+                ])
+                .status()
+                .expect("nsenter")
+                .success()
+        };
+        assert!(set_range("40000 40999"), "cannot set the port range");
         let netns = Netns::open(&path).expect("open the namespace");
+        assert_eq!(netns.ephemeral_ports(), 40000..=40999);
         let inside = cookie(
             &netns
                 .run(|| new_tcp_socket(false))
