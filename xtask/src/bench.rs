@@ -276,7 +276,7 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         .stdout(Stdio::piped())
         .spawn()?;
     let hold_out = hold_server.stdout.take().context("hold-server stdout")?;
-    servers.0.push(hold_server);
+    let hold_server = Servers(vec![hold_server]);
     let mut hold_lines = BufReader::new(hold_out).lines();
     let _listening = hold_lines.next();
     std::thread::sleep(Duration::from_millis(500));
@@ -309,10 +309,14 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
             plan.idle_connections
         );
     }
+    let opened_in = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let held_rss = (rss_kib(agent1)?, rss_kib(agent2)?);
+    // Both ends go, so no half-closed tunnelled connection outlives the measurement.
     let _ = holder.kill();
     let _ = holder.wait();
+    drop(hold_server);
+    std::thread::sleep(Duration::from_secs(2));
     // Their TIME_WAITs are gone before the first new-connection round (over a minute away).
 
     // Warm-up: one short round on each path, not counted.
@@ -331,6 +335,9 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         let r1 = redis(&lab, client, target, 1, plan.redis_requests, true)?;
         let r50 = redis(&lab, client, target, 50, plan.redis_requests * 2, true)?;
         let fresh = redis_new_connections(&lab, client, target, plan.redis_new_connections)?;
+        eprintln!(
+            "xtask:   {bulk1:.2} / {bulk8:.2} Gbit/s, p50 {p50:.1} p99 {p99:.1} µs, redis {r1:.0} / {r50:.0} req/s, {fresh:.0} conn/s"
+        );
         Ok([bulk1, bulk8, p50, p99, r1, r50, fresh, 0.0])
     };
     // Alternate the paths so that drift on the machine hits both alike; report medians.
@@ -420,9 +427,7 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
     }
     println!(
         "(medians of {} alternating rounds, after a warm-up; idle connections: {}, opened in {:?})",
-        plan.rounds,
-        plan.idle_connections,
-        started.elapsed()
+        plan.rounds, plan.idle_connections, opened_in
     );
     let dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
