@@ -55,6 +55,8 @@ pub enum ControlPlaneError {
     NoToken { dir: PathBuf, node: String },
     #[error("the control plane refused to let node {node} join: {status}")]
     JoinRefused { node: String, status: tonic::Status },
+    #[error("the control plane refused to renew the node certificate of {node}: {status}")]
+    RenewalRefused { node: String, status: tonic::Status },
     #[error("the control plane answered an unusable node certificate: {0}")]
     BadChain(String),
     #[error("cannot make the node key or CSR: {0}")]
@@ -541,7 +543,7 @@ impl Renewal {
                     let chain = client
                         .renew_node_certificate(RenewNodeCertificateRequest { csr_pem })
                         .await
-                        .map_err(|status| ControlPlaneError::JoinRefused {
+                        .map_err(|status| ControlPlaneError::RenewalRefused {
                             node: settings.node.clone(),
                             status,
                         })?
