@@ -105,6 +105,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "openssl",
     "containernetworking-plugins",
+    // aws-lc's FIPS module (the agent's `fips` feature) builds with cmake and Go.
+    "cmake",
+    "golang-go",
 ];
 
 fn setup() -> anyhow::Result<()> {
@@ -224,6 +227,22 @@ fn test() -> anyhow::Result<()> {
         ]),
         &mut totals,
     );
+    // The `fips` build: aws-lc's FIPS module, and every TLS config asserting it is FIPS.
+    // Its own target folder, so the default build is not rebuilt after it.
+    let fips = cargo_test(
+        Command::new("cargo").current_dir(root()).args([
+            "test",
+            "-p",
+            "meshlet-agent",
+            "--features",
+            "fips",
+            "--lib",
+            "--target-dir",
+            "target/fips",
+            "tls",
+        ]),
+        &mut totals,
+    );
     // The lab tests share machine-wide names: one at a time.
     let lab_tests = cargo_test(
         Command::new("cargo")
@@ -251,6 +270,7 @@ fn test() -> anyhow::Result<()> {
     let leftovers = lab::leftovers();
     println!("{} passed, {} failed", totals.0, totals.1);
     unit?;
+    fips?;
     lab_tests?;
     bench_smoke?;
     if !leftovers.is_empty() {

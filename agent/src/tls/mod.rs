@@ -323,4 +323,51 @@ mod tests {
             .iter()
             .any(|s| s.version() == &rustls::version::TLS12));
     }
+
+    /// Both tunnel configs build for either setting, speak h2 and, in a `fips` build, pass the
+    /// FIPS assertions they carry (`cargo test -p meshlet-agent --features fips --lib tls`).
+    #[test]
+    fn tunnel_configs_build_and_offer_h2() {
+        struct NoCa;
+        #[tonic::async_trait]
+        impl crate::identity::CaClient for NoCa {
+            async fn sign(
+                &self,
+                identity: &SpiffeId,
+                _csr_pem: String,
+                _lifetime: std::time::Duration,
+            ) -> Result<Vec<String>, crate::identity::CaError> {
+                Err(crate::identity::CaError::Refused {
+                    identity: identity.clone(),
+                    status: tonic::Status::unavailable("no CA in this test"),
+                })
+            }
+        }
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/a").expect("id");
+        let peer = SpiffeId::parse("spiffe://td/ns/b/sa/b").expect("id");
+        for allow_tls12 in [false, true] {
+            let settings = TlsSettings::new(allow_tls12);
+            let identities = Arc::new(IdentityStore::new(
+                Arc::new(NoCa),
+                settings.provider.clone(),
+                std::time::Duration::from_secs(3600),
+                Arc::new(crate::metrics::Metrics::new("node-1")),
+            ));
+            let bundle = Arc::new(TrustBundle::default());
+            let server = server_config(&settings, bundle.clone(), identities.clone(), id.clone())
+                .expect("server config");
+            let client = client_config(
+                &settings,
+                bundle,
+                identities,
+                id.clone(),
+                vec![peer.clone()],
+            )
+            .expect("client config");
+            assert_eq!(server.alpn_protocols, vec![ALPN_H2.to_vec()]);
+            assert_eq!(client.alpn_protocols, vec![ALPN_H2.to_vec()]);
+            assert_eq!(server.fips(), cfg!(feature = "fips"));
+            assert_eq!(client.fips(), cfg!(feature = "fips"));
+        }
+    }
 }
