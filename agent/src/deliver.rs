@@ -66,8 +66,9 @@ pub async fn connect_to_app(
         if Some(port) == avoid_port {
             continue;
         }
-        let socket = match transparent_socket(netns.tcp_socket(dst).await?, src, port, dst) {
-            Ok(socket) => socket,
+        let (socket, from) = match transparent_socket(netns.tcp_socket(dst).await?, src, port, dst)
+        {
+            Ok(bound) => bound,
             // Held by a socket we may not share it with (an app's listener, say).
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                 last_error = Some(e);
@@ -75,13 +76,6 @@ pub async fn connect_to_app(
             }
             Err(e) => return Err(socket_error(e)),
         };
-        let from = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| {
-                socket_error(io::Error::other("the delivery socket has no local address"))
-            })?;
         // Our own SYN to the app must not be captured as if it came from outside.
         let pass = redirect.delivery_pass(from, dst)?;
         let socket = TcpSocket::from_std_stream(socket.into());
@@ -114,13 +108,14 @@ pub async fn connect_to_app(
 }
 
 /// Makes a fresh socket of the pod's namespace a delivery socket: marked, transparent,
-/// sharing ports with TIME_WAITs, bound to the remote client's address and `port`.
+/// sharing ports with TIME_WAITs, bound to the remote client's address and `port`; with the
+/// address it is bound to.
 fn transparent_socket(
     socket: io::Result<Socket>,
     src: IpAddr,
     port: u16,
     dst: SocketAddr,
-) -> io::Result<Socket> {
+) -> io::Result<(Socket, SocketAddr)> {
     let socket = socket?;
     socket.set_mark(DELIVER_MARK)?;
     match dst {
@@ -137,10 +132,11 @@ fn transparent_socket(
             .unwrap_or(IpAddr::V6(v6)),
         (src, _) => src,
     };
-    socket.bind(&SocketAddr::new(src, port).into())?;
+    let from = SocketAddr::new(src, port);
+    socket.bind(&from.into())?;
     socket.set_nodelay(true)?;
     socket.set_nonblocking(true)?;
-    Ok(socket)
+    Ok((socket, from))
 }
 
 fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
@@ -297,7 +293,7 @@ mod tests {
                     let second = TcpListener::bind((app_ip, 0))?;
                     let (to_first, to_second) = (first.local_addr()?, second.local_addr()?);
                     let connect = |dst: SocketAddr| -> io::Result<Socket> {
-                        let socket = transparent_socket(
+                        let (socket, _) = transparent_socket(
                             Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None),
                             client_ip.into(),
                             45_000,

@@ -194,22 +194,19 @@ pub(crate) async fn handle(
 /// Plaintext, from the pod itself: to a destination outside the mesh when the operator chose
 /// passthrough, or to a destination whose mode is DISABLE.
 async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr, why: &str) {
-    let socket = pod.netns.tcp_socket(original).await.map(|socket| {
-        let s = socket?;
-        s.set_mark(AGENT_MARK)?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(s)
-    });
+    let socket = match pod.netns.tcp_socket(original).await {
+        Ok(made) => made.and_then(|s| {
+            s.set_mark(AGENT_MARK)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        }),
+        Err(e) => Err(std::io::Error::other(e)),
+    };
     let socket = match socket {
-        Ok(Ok(socket)) => socket,
-        Ok(Err(e)) => {
-            tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
-                dst = %original, outcome = "failed", reason = %format!("cannot make the plaintext socket: {e}"));
-            return;
-        }
+        Ok(socket) => socket,
         Err(e) => {
             tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
-                dst = %original, outcome = "failed", reason = %e);
+                dst = %original, outcome = "failed", reason = %format!("cannot make the plaintext socket: {e}"));
             return;
         }
     };
