@@ -147,6 +147,33 @@ fn web_to_api_one_mib_each_way_over_mtls_and_nothing_in_plaintext_on_the_wire() 
         "api's server must see web's pod IP as source, saw {accepted:?}"
     );
 
+    // Each destination gets a loopback source of its own (127/8, never the shared
+    // 127.0.0.1), so redirected connections to one service do not crowd the 4-tuples of
+    // another: the same one for the same destination, another for another.
+    let _second_server = Server::start(&lab, "api", 8081);
+    let local_of = |port: u16| -> String {
+        let (ok, report, err) = send(&lab, "web", &format!("{}:{port}", api.ip), 16, None, None);
+        assert!(ok, "connection to :{port} failed: {err} {report}");
+        let local = report["local"].as_str().unwrap_or_default().to_string();
+        local
+            .rsplit_once(':')
+            .map(|(ip, _)| ip.to_string())
+            .unwrap_or(local)
+    };
+    let first = local_of(8080);
+    assert!(
+        first.starts_with("127.") && first != "127.0.0.1",
+        "a redirected socket's source must be its destination's own loopback address, was {first}"
+    );
+    assert_eq!(
+        report["local"]
+            .as_str()
+            .map(|l| l.starts_with(&format!("{first}:"))),
+        Some(true),
+        "{report}"
+    );
+    assert_ne!(local_of(8081), first, "another destination, another source");
+
     let all: Vec<u8> = frames.concat();
     assert!(!frames.is_empty(), "the capture saw no frames on {link}");
     assert!(
