@@ -135,7 +135,6 @@ fn transparent_socket(
     let from = SocketAddr::new(src, port);
     socket.bind(&from.into())?;
     socket.set_nodelay(true)?;
-    socket.set_nonblocking(true)?;
     Ok((socket, from))
 }
 
@@ -299,7 +298,6 @@ mod tests {
                             45_000,
                             dst,
                         )?;
-                        socket.set_nonblocking(false)?;
                         socket.connect(&dst.into())?;
                         Ok(socket)
                     };

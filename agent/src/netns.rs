@@ -95,7 +95,8 @@ impl SocketStash {
 
 fn new_tcp_socket(ipv6: bool) -> io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-    Socket::new(domain, Type::STREAM, Some(Protocol::TCP))
+    // Non-blocking from the start (the runtime needs it so): no fcntl pair per connection.
+    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
 }
 
 /// An open network namespace and the thread that lives in it.
@@ -208,7 +209,7 @@ impl Netns {
             .map_err(|_| NetnsError::WorkerGone(self.path.clone()))
     }
 
-    /// A new, unbound TCP socket of the namespace (blocking mode, no options set), for `addr`'s
+    /// A new, unbound TCP socket of the namespace (non-blocking, no options set), for `addr`'s
     /// family: from the stash when it has one, else made by the namespace's thread.
     pub async fn tcp_socket(
         &self,

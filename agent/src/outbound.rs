@@ -76,20 +76,20 @@ pub(crate) async fn handle(
             .certified_key
             .cert
             .first()
-            .map(|c| c.to_vec())
+            .map(|c| tunnel::pool::fingerprint(c))
             .unwrap_or_default();
         let signer = agent
             .bundle
             .current()
             .signer_chain
             .first()
-            .map(|c| c.to_vec());
+            .map(|c| tunnel::pool::fingerprint(c));
         // New streams only on a connection made with our current certificate and, once the CA
         // signs with a new signer, with a server certificate from it.
         let now = std::time::SystemTime::now();
         let current = |c: &Credentials| {
             c.client_leaf == client_leaf
-                && signer.as_ref().is_none_or(|s| *s == c.server_issuer)
+                && signer.is_none_or(|s| s == c.server_issuer)
                 && c.server_not_after.is_none_or(|t| t > now)
         };
         let key = PoolKey {
@@ -111,7 +111,7 @@ pub(crate) async fn handle(
                 tls: config,
                 bundle: agent.bundle.clone(),
                 provider: agent.tls.provider.clone(),
-                client_leaf: client_leaf.clone(),
+                client_leaf,
             };
             match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
                 Ok(result) => result,
@@ -197,7 +197,6 @@ async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr, 
     let socket = match pod.netns.tcp_socket(original).await {
         Ok(made) => made.and_then(|s| {
             s.set_mark(AGENT_MARK)?;
-            s.set_nonblocking(true)?;
             Ok(s)
         }),
         Err(e) => Err(std::io::Error::other(e)),

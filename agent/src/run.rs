@@ -62,6 +62,9 @@ pub struct AgentConfig {
     /// Streams per pooled tunnel connection.
     #[arg(long, default_value_t = 100)]
     pub max_streams_per_connection: usize,
+    /// Seconds a pooled tunnel connection may carry no stream before it is closed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tunnel_idle_timeout: u64,
     /// Connections to addresses that are no known workload.
     #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
     pub unknown_destination: UnknownDestination,
@@ -148,6 +151,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),
     });
+    // Idle tunnel connections go (a burst's extra ones, those to pods that left).
+    {
+        let agent = agent.clone();
+        let idle_timeout = Duration::from_secs(config.tunnel_idle_timeout);
+        let every = (idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                agent.pool.sweep(idle_timeout);
+            }
+        });
+    }
     // Every new trust bundle: renew what the new bundle or signer makes stale.
     {
         let identities = agent.identities.clone();

@@ -13,7 +13,7 @@ use socket2::Socket;
 use tokio::net::TcpSocket;
 
 use super::{
-    pool::{Credentials, PooledConnection},
+    pool::{self, Credentials, PooledConnection},
     TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
 use crate::{
@@ -30,16 +30,17 @@ pub struct TunnelConnector<'a> {
     /// chain stops passing it (revoked, expired).
     pub bundle: Arc<TrustBundle>,
     pub provider: Arc<CryptoProvider>,
-    /// The leaf we present (the current certificate of the source identity), DER.
-    pub client_leaf: Vec<u8>,
+    /// The leaf we present (the current certificate of the source identity), its
+    /// `pool::fingerprint`.
+    pub client_leaf: u64,
 }
 
-fn server_chain_issuer(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+fn server_chain_issuer(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> u64 {
     tls.get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.get(1))
-        .map(|c| c.to_vec())
+        .map(|c| pool::fingerprint(c))
         .unwrap_or_default()
 }
 
@@ -74,7 +75,7 @@ impl TunnelConnector<'_> {
                 source,
             })?;
         let credentials = Credentials {
-            client_leaf: self.client_leaf.clone(),
+            client_leaf: self.client_leaf,
             server_issuer: server_chain_issuer(&tls),
             server_not_after: tls
                 .get_ref()
@@ -131,7 +132,6 @@ impl TunnelConnector<'_> {
 fn marked(socket: Socket) -> std::io::Result<Socket> {
     socket.set_mark(AGENT_MARK)?;
     socket.set_nodelay(true)?;
-    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
