@@ -8,7 +8,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::tcp::OwnedReadHalf,
 };
 
@@ -86,9 +86,19 @@ async fn tcp_to_stream(
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
+        let first = total == 0;
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         let mut data = buf.freeze();
+        if first {
+            // The first chunk goes without waiting for capacity: a new client stream gets
+            // none before the connection task has sent its HEADERS, so waiting put the CONNECT
+            // and the app's first bytes (a request, usually) in two TLS records and two
+            // writes. HTTP/2 holds it (one chunk at most) and sends it within the peer's
+            // window.
+            send.send_data(data, false).map_err(h2_io)?;
+            continue;
+        }
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -116,15 +126,14 @@ async fn read_when_ready(rd: &mut OwnedReadHalf) -> io::Result<BytesMut> {
 }
 
 /// Reads once into `buf` (given room for a chunk only once the socket is readable).
+///
+/// Through `AsyncRead` rather than `try_read_buf`: a read that returns less than asked for
+/// takes the socket off the ready list there, so the next read waits for the next epoll
+/// event instead of costing a `recvfrom` that fails with `EAGAIN` (one per request, per side).
 async fn read_into(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        rd.readable().await?;
-        buf.reserve(CHUNK);
-        match rd.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return result,
-        }
-    }
+    rd.readable().await?;
+    buf.reserve(CHUNK);
+    rd.read_buf(buf).await
 }
 
 async fn stream_to_tcp<W: AsyncWrite + Unpin>(
@@ -179,5 +188,117 @@ where
         wr.write_all(&buf).await?;
         total += n as u64;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        pin::Pin,
+        sync::{Arc, Mutex},
+        task::{Context, Poll},
+    };
+
+    use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
+
+    use super::*;
+
+    /// The client's side of the tunnel, keeping every write it is given.
+    struct Recorded {
+        io: DuplexStream,
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl AsyncRead for Recorded {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recorded {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let written = Pin::new(&mut self.io).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = &written {
+                self.writes.lock().expect("lock").push(buf[..*n].to_vec());
+            }
+            written
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_apps_first_bytes_leave_in_the_same_write_as_the_connect() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Recorded {
+            io: client_io,
+            writes: writes.clone(),
+        };
+        // The peer agent: answers 200 and echoes what the stream carries.
+        let peer = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io)
+                .await
+                .expect("server handshake");
+            let (request, mut respond) = conn.accept().await.expect("a stream").expect("ok");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let mut received = Vec::new();
+            while let Some(chunk) = body.data().await {
+                received.extend_from_slice(&chunk.expect("data"));
+            }
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("200");
+            send.send_data(Bytes::from(received.clone()), true)
+                .expect("echo");
+            received
+        });
+        let (sender, connection) = h2::client::handshake(recorded).await.expect("handshake");
+        tokio::spawn(connection);
+        // The app's connection, with its request already written.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        app.write_all(b"PING\r\n").await.expect("request");
+        app.shutdown().await.expect("FIN");
+        let endpoint = "10.0.0.2:15008".parse().expect("addr");
+        let (send, answer) = crate::tunnel::start_stream(sender, endpoint, endpoint)
+            .await
+            .expect("CONNECT");
+        let answer = async { answer.await.map_err(io::Error::other) };
+        let (from, to) = (AtomicU64::new(0), AtomicU64::new(0));
+        let moved = copy_bidirectional(accepted, send, answer, &from, &to)
+            .await
+            .expect("copy");
+        assert_eq!(moved.tcp_to_stream, 6);
+        assert_eq!(&peer.await.expect("peer")[..], b"PING\r\n");
+        // A HEADERS frame of stream 1 (END_HEADERS) and the app's bytes in one write.
+        let headers = [0x01, 0x04, 0, 0, 0, 1];
+        let writes = writes.lock().expect("lock");
+        let connect = writes
+            .iter()
+            .find(|w| w.windows(headers.len()).any(|f| f == headers))
+            .expect("a write with the CONNECT");
+        assert!(
+            connect.windows(6).any(|b| b == b"PING\r\n"),
+            "the CONNECT went out without the app's first bytes: {writes:?}"
+        );
     }
 }
