@@ -151,7 +151,8 @@ impl ViewArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    meshlet_agent::logging::init(cli.log_format);
+    let agent = matches!(cli.command, Command::Agent(_));
+    meshlet_agent::logging::init(cli.log_format, agent);
     // The agent's runtime has `--worker-threads` threads (one: single-threaded, no wake-ups
     // between threads); the CLI commands make one request each and need no more than one.
     let runtime = match &cli.command {
@@ -167,7 +168,9 @@ fn main() -> anyhow::Result<()> {
     }
     .enable_all()
     .build()?;
-    runtime.block_on(dispatch(cli))
+    let result = runtime.block_on(dispatch(cli));
+    meshlet_agent::logging::flush();
+    result
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
