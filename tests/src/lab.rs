@@ -18,6 +18,10 @@ use crate::{
     BPF_ROOT, CGROUP_ROOT, NAME_PREFIX, STATE_DIR,
 };
 
+/// How long an agent may hold a log line before writing it (its 100 ms batch), with room
+/// for a busy machine.
+pub const AGENT_LOG_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Where the binaries are and how to run them.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -490,8 +494,11 @@ impl Lab {
         self.children.get(index + 1).map(Child::id)
     }
 
-    /// Everything an agent logged so far.
+    /// Everything an agent logged so far. The agent writes its lines in batches, at most
+    /// 100 ms after they happened (warnings and errors at once), so this first waits a little
+    /// longer than that: a test that just caused a line finds it.
     pub fn agent_log(&self, node: &str) -> String {
+        std::thread::sleep(AGENT_LOG_DELAY);
         self.topology
             .node(node)
             .and_then(|n| std::fs::read_to_string(&n.agent_log).ok())
