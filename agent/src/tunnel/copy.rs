@@ -252,15 +252,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn reads_take_buffers_the_size_of_what_came_until_a_bulk_transfer() {
+    /// An app's connection on loopback: (the app's end, the accepted end).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let mut app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+        let app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
+        (app, accepted)
+    }
+
+    #[tokio::test]
+    async fn reads_take_buffers_the_size_of_what_came_until_a_bulk_transfer() {
+        let (mut app, accepted) = tcp_pair().await;
         let (mut rd, _wr) = accepted.into_split();
         let mut bulk = false;
         app.write_all(b"PING\r\n").await.expect("request");
@@ -321,13 +327,7 @@ mod tests {
         let (sender, connection) = h2::client::handshake(recorded).await.expect("handshake");
         tokio::spawn(connection);
         // The app's connection, with its request already written.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let mut app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (accepted, _) = listener.accept().await.expect("accept");
+        let (mut app, accepted) = tcp_pair().await;
         app.write_all(b"PING\r\n").await.expect("request");
         app.shutdown().await.expect("FIN");
         let endpoint = "10.0.0.2:15008".parse().expect("addr");
