@@ -4,7 +4,6 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    time::Duration,
 };
 
 use meshlet_common::DELIVER_MARK;
@@ -15,7 +14,12 @@ use crate::{netns::Netns, redirect::Redirect};
 
 /// Routing table that sends everything to the local stack, for delivery sockets' replies.
 pub const DELIVER_TABLE: u32 = 15_000;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// SYN retransmissions before a delivery gives up (`TCP_SYNCNT`). The app is in the same
+/// namespace, so only a full accept queue drops our SYN; after two retries (1 s, then 2 s) the
+/// connect fails with `ETIMEDOUT` about 7 s after it began. The kernel keeps this bound rather
+/// than a runtime timer: a timer per delivery woke the runtime's I/O driver (an eventfd write,
+/// then an extra `epoll_wait`) on every connection.
+const SYN_RETRIES: libc::c_int = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
@@ -79,19 +83,13 @@ pub async fn connect_to_app(
         // Our own SYN to the app must not be captured as if it came from outside.
         let pass = redirect.delivery_pass(from, dst)?;
         let socket = TcpSocket::from_std_stream(socket.into());
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;
+        let connected = socket.connect(dst).await;
         drop(pass);
         match connected {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(stream) => return Ok(stream),
             // This very 4-tuple is in use (or in TIME_WAIT without timestamps): another port.
-            Ok(Err(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => last_error = Some(e),
-            Ok(Err(source)) => return Err(DeliverError::Connect { dst, source }),
-            Err(_) => {
-                return Err(DeliverError::Connect {
-                    dst,
-                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                })
-            }
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => last_error = Some(e),
+            Err(source) => return Err(DeliverError::Connect { dst, source }),
         }
     }
     Err(socket_error(io::Error::new(
@@ -120,9 +118,10 @@ fn transparent_socket(
     socket.set_mark(DELIVER_MARK)?;
     match dst {
         SocketAddr::V4(_) => socket.set_ip_transparent(true)?,
-        SocketAddr::V6(_) => set_ipv6_transparent(&socket)?,
+        SocketAddr::V6(_) => set_int_option(&socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)?,
     }
     socket.set_reuse_address(true)?;
+    set_int_option(&socket, libc::IPPROTO_TCP, libc::TCP_SYNCNT, SYN_RETRIES)?;
     let src = match (src, dst) {
         // A v4 client reaching a v6-addressed app (or the reverse) keeps the app's family.
         (IpAddr::V4(v4), SocketAddr::V6(_)) => IpAddr::V6(v4.to_ipv6_mapped()),
@@ -138,16 +137,21 @@ fn transparent_socket(
     Ok((socket, from))
 }
 
-fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
+/// An int socket option that socket2 has no setter for.
+fn set_int_option(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
     // SAFETY: valid fd and an int-sized option value.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            (&one as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -262,6 +266,25 @@ mod tests {
     use super::*;
     use crate::netns::{private_netns, Netns};
 
+    /// `TCP_SYNCNT` of a socket (socket2 has no getter).
+    fn syn_retries(socket: &Socket) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, and an int-sized buffer whose size we pass.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt(TCP_SYNCNT)");
+        value
+    }
+
     /// What `connect_to_app` relies on, in a namespace of the test's own: a port whose
     /// delivery is in TIME_WAIT cannot be bound without `SO_REUSEADDR`; a delivery socket
     /// binds it, reconnects the very same 4-tuple (the kernel takes a TIME_WAIT over for an
@@ -298,6 +321,11 @@ mod tests {
                             45_000,
                             dst,
                         )?;
+                        assert_eq!(
+                            syn_retries(&socket),
+                            SYN_RETRIES,
+                            "the kernel bounds a delivery's connect"
+                        );
                         socket.connect(&dst.into())?;
                         Ok(socket)
                     };
