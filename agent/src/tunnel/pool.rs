@@ -221,7 +221,6 @@ impl Pool {
         Ok(Checkout { conn })
     }
 
-    /// Open connections (for the debug view and tests).
     /// Lets go of connections that have carried no stream for `idle_timeout` (dropping the
     /// pool's handle ends the HTTP/2 connection with a GOAWAY), of closed ones, and of the dial
     /// gates of destinations left with no connection.
@@ -246,6 +245,7 @@ impl Pool {
             .retain(|key, gate| Arc::strong_count(gate) > 1 || connections.contains_key(key));
     }
 
+    /// Open connections (for the debug view and tests).
     pub fn connection_count(&self) -> usize {
         let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         connections
