@@ -11,10 +11,12 @@ use std::{
     time::Duration,
 };
 
-use tracing_subscriber::fmt::MakeWriter;
-
 use tracing_subscriber::{
-    layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer, Registry,
+    fmt::{writer::EitherWriter, MakeWriter},
+    layer::SubscriberExt,
+    reload,
+    util::SubscriberInitExt,
+    EnvFilter, Layer, Registry,
 };
 
 /// Log line format.
@@ -133,20 +135,50 @@ impl<'a, W: Write + 'a> MakeWriter<'a> for Batched<W> {
 
 static STDOUT: OnceLock<Batched<std::io::Stdout>> = OnceLock::new();
 
-/// The agent's stdout, batched (the subscriber wants a writer maker it owns).
+/// Stdout as the subscriber writes it: batched (the agent) or at once (the CLI).
 #[derive(Clone, Copy)]
-struct BatchedStdout(&'static Batched<std::io::Stdout>);
+struct Stdout(Option<&'static Batched<std::io::Stdout>>);
 
-impl<'a> MakeWriter<'a> for BatchedStdout {
-    type Writer = BatchedLine<'static, std::io::Stdout>;
+impl<'a> MakeWriter<'a> for Stdout {
+    type Writer = EitherWriter<BatchedLine<'static, std::io::Stdout>, std::io::Stdout>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.0.make_writer()
+        match self.0 {
+            Some(sink) => EitherWriter::A(sink.make_writer()),
+            None => EitherWriter::B(std::io::stdout()),
+        }
     }
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
-        self.0.make_writer_for(meta)
+        match self.0 {
+            Some(sink) => EitherWriter::A(sink.make_writer_for(meta)),
+            None => EitherWriter::B(std::io::stdout()),
+        }
     }
+}
+
+/// The agent's batched stdout; the first call starts its flusher thread and makes a panic
+/// write what gathered before its report.
+fn batched_stdout() -> &'static Batched<std::io::Stdout> {
+    let mut first = false;
+    let sink = STDOUT.get_or_init(|| {
+        first = true;
+        Batched::new(std::io::stdout())
+    });
+    if first {
+        // A panic's last lines are the ones most wanted.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            flush();
+            report(info);
+        }));
+        let _ = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || loop {
+                sink.flush_when_due();
+            });
+    }
+    sink
 }
 
 /// Writes the batched lines now (the agent calls it on its way out).
@@ -163,39 +195,12 @@ pub fn init(format: LogFormat, batched: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only on a terminal: log files and collectors get plain text.
-    let ansi = std::io::stdout().is_terminal();
-    let fmt: Box<dyn Layer<_> + Send + Sync> = if batched {
-        let mut first = false;
-        let sink: &'static Batched<_> = STDOUT.get_or_init(|| {
-            first = true;
-            Batched::new(std::io::stdout())
-        });
-        if first {
-            // A panic's last lines are the ones most wanted.
-            let report = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                flush();
-                report(info);
-            }));
-            let _ = std::thread::Builder::new()
-                .name("log-flush".into())
-                .spawn(move || loop {
-                    sink.flush_when_due();
-                });
-        }
-        let fmt = tracing_subscriber::fmt::layer()
-            .with_ansi(ansi)
-            .with_writer(BatchedStdout(sink));
-        match format {
-            LogFormat::Text => Box::new(fmt),
-            LogFormat::Json => Box::new(fmt.json()),
-        }
-    } else {
-        let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi);
-        match format {
-            LogFormat::Text => Box::new(fmt),
-            LogFormat::Json => Box::new(fmt.json()),
-        }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_writer(Stdout(batched.then(batched_stdout)));
+    let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => Box::new(fmt),
+        LogFormat::Json => Box::new(fmt.json()),
     };
     if tracing_subscriber::registry()
         .with(filter)
