@@ -167,6 +167,34 @@ fn present(lab: &Lab, crafted: Option<&Crafted>, extra: &[&str]) -> String {
     )
 }
 
+/// A full handshake with `crafted` whose TLS session (with any tickets the server sent) is
+/// saved to `session`: stdin stays open a second so that openssl reads the tickets.
+fn save_session(lab: &Lab, crafted: &Crafted, session: &Path) -> String {
+    let mut cmd = lab.command_in("attacker", "timeout").expect("command");
+    cmd.args(["10", "openssl", "s_client", "-connect"])
+        .arg(tunnel_endpoint(lab, "api"))
+        .args(["-alpn", "h2", "-sess_out"])
+        .arg(session)
+        .arg("-cert")
+        .arg(&crafted.cert)
+        .arg("-key")
+        .arg(&crafted.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(chain) = &crafted.chain {
+        cmd.arg("-cert_chain").arg(chain);
+    }
+    let child = cmd.spawn().expect("openssl s_client");
+    std::thread::sleep(Duration::from_secs(1));
+    let out = child.wait_with_output().expect("openssl s_client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 const FAILURES: &str = "meshlet_tls_handshake_failures_total";
 
 /// Asserts that presenting `crafted` makes node-2 count exactly one inbound handshake
@@ -565,6 +593,21 @@ fn crls_refuse_new_handshakes_and_close_live_tunnels() {
         "leaf from intermediate 2 before its revocation",
         &under_int2,
         FRONTEND,
+    );
+    // The attacker keeps the session of a handshake made before the revocation, to resume it
+    // after (a resumed TLS 1.3 session skips certificate verification, and so the CRL).
+    let session = scratch.path("revoked.session");
+    let first = save_session(&lab, &revoked_leaf, &session);
+    assert!(
+        first.contains("New, TLSv1.3"),
+        "the first handshake failed:\n{first}"
+    );
+    // TLS 1.3 resumes only with a ticket, and openssl saves a session only when it got one:
+    // the tunnel server must issue none (before the fix it sent two, and a revoked client
+    // resumed on them).
+    assert!(
+        !session.exists() && !first.contains("TLS session ticket:"),
+        "the tunnel server issued a session ticket; a resumed session would skip the CRL:\n{first}"
     );
 
     // A live tunneled connection web → api, authenticated with web's real certificate.

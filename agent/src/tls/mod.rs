@@ -191,6 +191,12 @@ pub fn server_config(
             identity,
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session skips certificate verification, so a client whose
+    // certificate was revoked after its first handshake could come back on a ticket. Every
+    // tunnel is a full handshake against the bundle and CRLs in force (tunnels are pooled,
+    // so this costs one handshake per peer, not per connection).
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     #[cfg(feature = "fips")]
     assert!(
         config.fips(),
@@ -222,6 +228,8 @@ pub fn client_config(
             identity,
         }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Nor on the client side: the server's chain is verified at every handshake.
+    config.resumption = rustls::client::Resumption::disabled();
     #[cfg(feature = "fips")]
     assert!(
         config.fips(),
@@ -367,6 +375,15 @@ mod tests {
             assert_eq!(server.alpn_protocols, vec![ALPN_H2.to_vec()]);
             assert_eq!(client.alpn_protocols, vec![ALPN_H2.to_vec()]);
             assert_eq!(server.fips(), cfg!(feature = "fips"));
+            // No resumption, which would skip verification (and so revocation).
+            assert_eq!(server.send_tls13_tickets, 0);
+            assert!(!server.session_storage.can_cache());
+            assert!(!server.ticketer.enabled());
+            assert!(
+                format!("{:?}", client.resumption).contains("Disabled"),
+                "{:?}",
+                client.resumption
+            );
             assert_eq!(client.fips(), cfg!(feature = "fips"));
         }
     }
