@@ -249,7 +249,7 @@ fn pods_outside_the_mesh_talk_directly_and_the_capture_would_see_plaintext() {
 }
 
 #[test]
-fn unknown_destinations_are_refused_and_agent_marked_sockets_are_never_redirected() {
+fn unknown_destinations_are_refused_and_pod_sockets_with_the_agent_mark_are_still_redirected() {
     let mut pods = mesh_pods();
     // Enrolled on node-2 but unknown to the control plane.
     let mut ghost = PodSpec::new("ghost", "node-2", "ghost");
@@ -281,10 +281,11 @@ fn unknown_destinations_are_refused_and_agent_marked_sockets_are_never_redirecte
         .agent_log("node-1")
         .contains("destination is not a known workload"));
 
-    // A socket carrying the agent's mark, from the same pod and cgroup, is left alone: it
-    // reaches the destination directly. If the redirect ignored the mark, the agent would
-    // refuse it exactly like above.
-    let (ok, report, err) = send(
+    // A pod process that sets the agent's mark on its socket (root in the pod can) is still
+    // redirected, and so refused like above: the redirect knows the agent by its cgroup, not
+    // by a mark. Before, the mark let plaintext past the mesh.
+    let skipped_before = redirect_counter(&lab, "node-1", "skipped_agent");
+    let (ok, report, _) = send(
         &lab,
         "web",
         &format!("{}:9090", ext.ip),
@@ -292,8 +293,40 @@ fn unknown_destinations_are_refused_and_agent_marked_sockets_are_never_redirecte
         Some(AGENT_MARK),
         None,
     );
-    assert!(ok, "agent-marked socket was redirected: {err} {report}");
-    assert!(!ext_server.accepted(Duration::from_millis(300)).is_empty());
+    assert!(
+        !ok,
+        "a pod socket with the agent's mark bypassed the mesh: {report}"
+    );
+    assert!(
+        ext_server.accepted(Duration::from_millis(300)).is_empty(),
+        "ext got plaintext from a marked pod socket"
+    );
+    assert_eq!(
+        redirect_counter(&lab, "node-1", "skipped_agent"),
+        skipped_before,
+        "a pod socket was taken for the agent's"
+    );
+    // Nor does the mark let a pod bind the agent's outbound port.
+    let bind = lab
+        .command_in("web", common::PROBE)
+        .expect("command")
+        .args(["bind", "15001", AGENT_MARK])
+        .output()
+        .expect("probe bind");
+    assert!(
+        !bind.status.success(),
+        "a marked pod socket bound the agent's port 15001: {}",
+        String::from_utf8_lossy(&bind.stdout)
+    );
+}
+
+/// A redirect counter of `node`'s agent, from its metrics.
+fn redirect_counter(lab: &meshlet_lab::Lab, node: &str, event: &str) -> f64 {
+    common::sample(
+        &common::metrics(lab, node),
+        "meshlet_redirect_events_total",
+        &[&format!("event=\"{event}\"")],
+    )
 }
 
 #[test]

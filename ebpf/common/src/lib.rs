@@ -17,8 +17,9 @@ pub const AGENT_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL
 /// The agent's mTLS tunnel (HBONE) listener on the pod's own address.
 pub const TUNNEL_PORT: u16 = 15008;
 
-/// `SO_MARK` on every socket the agent opens towards the network on a pod's behalf (tunnels).
-/// The redirect program leaves sockets with this mark alone.
+/// `SO_MARK` on every socket the agent opens towards the network on a pod's behalf (tunnels),
+/// for the operator's own routing and filtering. The redirect does not trust it (a pod can set
+/// any mark): it knows the agent by its cgroup.
 pub const AGENT_MARK: u32 = 0x6d6c_0001;
 /// `SO_MARK` on the agent's delivery sockets (the ones that connect to the app with the
 /// client's source address). A policy-routing rule in the pod sends the app's replies to those
@@ -93,8 +94,8 @@ pub struct DeliveryKey {
 pub mod stats {
     /// A connect() from an enrolled pod was rewritten to the agent.
     pub const REDIRECTED: u32 = 0;
-    /// A connect() carried an agent mark and was left alone.
-    pub const SKIPPED_AGENT_MARK: u32 = 1;
+    /// A connect() in an enrolled netns came from the agent itself (by cgroup): left alone.
+    pub const SKIPPED_AGENT: u32 = 1;
     /// The original destination was filed under the connection key (sock_ops).
     pub const ORIGINAL_DST_RECORDED: u32 = 2;
     /// The original destination could not be saved; the connect() was refused (fail closed).

@@ -3,7 +3,7 @@
 //!
 //! The flow for one connection:
 //! 1. `connect4`/`connect6` (cgroup/connect*, attached to the node's pod cgroup subtree): the
-//!    socket's netns is enrolled and the socket is not the agent's, so the destination is saved
+//!    socket's netns is enrolled and the caller is not the agent (by cgroup), so the destination is saved
 //!    under the socket cookie and rewritten to `127.0.0.1:15001` (`[::1]:15001`); an IPv4
 //!    socket is also bound to a loopback source of that destination's own (`bind_loopback_source`).
 //! 2. `sock_ops` at active-established: the client's local address is now known, so the saved
@@ -28,16 +28,18 @@ mod programs {
             bpf_sock_addr, sockaddr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
             BPF_SOCK_OPS_STATE_CB_FLAG,
         },
-        helpers::{bpf_bind, bpf_get_netns_cookie, bpf_get_socket_cookie},
+        helpers::{
+            bpf_bind, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use aya_log_ebpf::{debug, warn};
     use meshlet_common::{
         ipv4_mapped, stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, OriginalDst,
-        AGENT_MARK, AGENT_PORTS, DELIVER_MARK, OUTBOUND_PORT,
+        AGENT_PORTS, OUTBOUND_PORT,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -80,6 +82,11 @@ mod programs {
     #[map(name = "DELIVERIES")]
     static DELIVERIES: HashMap<DeliveryKey, u32> = HashMap::with_max_entries(65_536, 0);
 
+    /// The cgroup (v2 id) of the agent that loaded these programs; its sockets are never
+    /// redirected. Not pinned: each agent's programs carry their own.
+    #[map(name = "AGENT_CGROUP")]
+    static AGENT_CGROUP: Array<u64> = Array::with_max_entries(1, 0);
+
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
@@ -121,17 +128,18 @@ mod programs {
         }
     }
 
-    /// Whether the connecting socket belongs to the agent (tunnel or delivery socket).
+    /// Whether the calling task is the agent (making a tunnel, plaintext or delivery socket
+    /// in a pod's netns). Decided by the caller's cgroup, which a pod cannot change: the
+    /// agent runs outside the pods' cgroups, and a process in a pod, root or not, cannot
+    /// move itself there. A socket mark would not do: any pod process with CAP_NET_ADMIN can
+    /// set the agent's mark and so send plaintext past the mesh.
     #[inline(always)]
-    fn is_agent_socket(ctx: &SockAddrContext) -> bool {
-        // SAFETY: the kernel hands a valid bpf_sock_addr; `sk` is always set for connect hooks.
-        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-        if sk.is_null() {
+    fn is_agent() -> bool {
+        let Some(&agent) = AGENT_CGROUP.get(0) else {
             return false;
-        }
-        // SAFETY: non-null PTR_TO_SOCKET from the context; `mark` is a readable field.
-        let mark = unsafe { (*sk).mark };
-        mark == AGENT_MARK || mark == DELIVER_MARK
+        };
+        // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+        agent != 0 && unsafe { bpf_get_current_cgroup_id() } == agent
     }
 
     /// Common part of connect4/connect6: returns the rewrite to apply, if any.
@@ -143,8 +151,8 @@ mod programs {
         if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
             return Ok(false);
         }
-        if is_agent_socket(ctx) {
-            count(stats::SKIPPED_AGENT_MARK);
+        if is_agent() {
+            count(stats::SKIPPED_AGENT);
             return Ok(false);
         }
         // SAFETY: as above.
@@ -441,7 +449,7 @@ mod programs {
         // SAFETY: helper call on the program's own context.
         let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         // SAFETY: read-only lookup.
-        if unsafe { ENROLLED.get(&netns_cookie) }.is_none() || is_agent_socket(ctx) {
+        if unsafe { ENROLLED.get(&netns_cookie) }.is_none() || is_agent() {
             return ALLOW;
         }
         count(stats::BIND_REFUSED);

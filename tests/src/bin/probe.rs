@@ -261,7 +261,15 @@ fn bind(args: &[String]) -> std::io::Result<()> {
         .first()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| usage());
-    let _listener = TcpListener::bind(("0.0.0.0", port))?;
+    // With a mark (`bind PORT 0x…`): as a pod process that set SO_MARK itself would.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(mark) = args.get(1) {
+        let mark = u32::from_str_radix(mark.trim_start_matches("0x"), 16)
+            .map_err(|e| std::io::Error::other(format!("mark {mark}: {e}")))?;
+        socket.set_mark(mark)?;
+    }
+    socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.listen(1)?;
     println!("BOUND {port}");
     Ok(())
 }
