@@ -36,7 +36,11 @@ pub fn check_from_dump(
             .context("the dump holds no control-plane update (the agent had none applied)")?;
     let workloads = crate::discovery::Workloads::default();
     workloads
-        .apply(&update, &crate::tls::TrustBundle::default())
+        .apply(
+            &update,
+            &crate::tls::TrustBundle::default(),
+            crate::discovery::StreamPosition::First,
+        )
         .context("the dump's control-plane update does not validate")?;
     Ok(serde_json::to_value(crate::admin::views::check(
         &workloads, from, to,

@@ -46,7 +46,7 @@ pub enum DiscoveryError {
     TrustBundle(#[from] crate::tls::TlsError),
     #[error("policy refused: {0}")]
     Policy(#[from] crate::policy::PolicyError),
-    #[error("version {got} is not newer than the applied version {applied}")]
+    #[error("version {got} is not newer than the applied version {applied} of this stream")]
     OldVersion { got: u64, applied: u64 },
 }
 
@@ -83,6 +83,15 @@ struct Snapshot {
     policy: Arc<PolicySet>,
     /// The update as applied, for config dumps.
     update: Option<Arc<DiscoveryResponse>>,
+}
+
+/// Where an update stands in its discovery stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamPosition {
+    /// The first update of a new stream: a full state, applied whatever its version.
+    First,
+    /// Any later one: must be newer than the version applied.
+    Later,
 }
 
 /// The workloads of the last accepted version.
@@ -153,13 +162,20 @@ impl Workloads {
     }
 
     /// Validates a whole update and, only if all of it is good, makes it current.
+    ///
+    /// Versions order the updates of one discovery stream: within a stream, an update must be
+    /// newer than the one applied. The first update of a stream (`Stream::First`) is a full
+    /// state and is applied whatever its number, as in xDS: a restarted control plane, or
+    /// another replica, numbers its own way, and an agent that compared across streams
+    /// froze on its old state until the new counter passed it.
     pub fn apply(
         &self,
         update: &DiscoveryResponse,
         bundle: &TrustBundle,
+        position: StreamPosition,
     ) -> Result<(), DiscoveryError> {
         let applied = self.version();
-        if update.version <= applied && applied != 0 {
+        if position == StreamPosition::Later && update.version <= applied {
             return Err(DiscoveryError::OldVersion {
                 got: update.version,
                 applied,
@@ -167,8 +183,15 @@ impl Workloads {
         }
         let mut snapshot = validate(update)?;
         snapshot.update = Some(Arc::new(update.clone()));
-        let trust = crate::tls::BundleState::from_update(update)?;
-        bundle.replace(trust);
+        let source = crate::tls::BundleState::source_of(update);
+        let trust = if bundle.differs_from(source) {
+            Some(crate::tls::BundleState::from_update(update)?)
+        } else {
+            None
+        };
+        if let Some(trust) = trust {
+            bundle.replace(trust);
+        }
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
         self.changed.send_replace(update.version);
         Ok(())
@@ -273,9 +296,14 @@ async fn follow_once(
     let mut client = DiscoveryServiceClient::new(channel);
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     metrics.control_plane_connected.set(1);
+    let mut position = StreamPosition::First;
     while let Some(update) = responses.next().await {
         let update = update?;
-        let kind = match workloads.apply(&update, bundle) {
+        let applied = workloads.apply(&update, bundle, position);
+        if applied.is_ok() {
+            position = StreamPosition::Later;
+        }
+        let kind = match applied {
             Ok(()) => {
                 metrics.control_plane_version.set(update.version as i64);
                 tracing::info!(
@@ -370,9 +398,96 @@ mod tests {
         let bundle = TrustBundle::default();
         // No roots: refused as a whole, nothing applied.
         assert!(workloads
-            .apply(&update(1, vec![workload("a", "10.0.0.1")]), &bundle)
+            .apply(
+                &update(1, vec![workload("a", "10.0.0.1")]),
+                &bundle,
+                StreamPosition::First
+            )
             .is_err());
         assert_eq!(workloads.version(), 0);
         assert!(workloads.by_uid("a").is_none());
+    }
+
+    /// An update with a real root, so that it validates.
+    fn rooted(version: u64, workloads: Vec<Workload>, root_pem: &str) -> DiscoveryResponse {
+        let mut u = update(version, workloads);
+        u.trust_roots_pem = vec![root_pem.to_string()];
+        u
+    }
+
+    fn root_pem() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).expect("root").pem()
+    }
+
+    #[test]
+    fn a_new_stream_starts_with_a_full_state_whatever_its_version() {
+        let workloads = Workloads::default();
+        let bundle = TrustBundle::default();
+        let root = root_pem();
+        // Stream 1: versions 1..=3.
+        workloads
+            .apply(&rooted(1, vec![], &root), &bundle, StreamPosition::First)
+            .expect("first of stream 1");
+        workloads
+            .apply(
+                &rooted(3, vec![workload("a", "10.0.0.1")], &root),
+                &bundle,
+                StreamPosition::Later,
+            )
+            .expect("v3");
+        // Within the stream an older or equal version is refused, and changes nothing.
+        let old = workloads.apply(&rooted(2, vec![], &root), &bundle, StreamPosition::Later);
+        assert!(matches!(
+            old,
+            Err(DiscoveryError::OldVersion { got: 2, applied: 3 })
+        ));
+        assert!(workloads.by_uid("a").is_some());
+        // The control plane restarts and numbers from 1 again: its first update applies...
+        workloads
+            .apply(
+                &rooted(1, vec![workload("b", "10.0.0.2")], &root),
+                &bundle,
+                StreamPosition::First,
+            )
+            .expect("first of stream 2");
+        assert_eq!(workloads.version(), 1);
+        assert!(workloads.by_uid("a").is_none() && workloads.by_uid("b").is_some());
+        // ...and so do its later ones.
+        workloads
+            .apply(&rooted(2, vec![], &root), &bundle, StreamPosition::Later)
+            .expect("v2 of stream 2");
+        assert_eq!(workloads.version(), 2);
+    }
+
+    #[test]
+    fn the_bundle_changes_only_when_its_roots_or_crls_do() {
+        let workloads = Workloads::default();
+        let bundle = TrustBundle::default();
+        let revisions = bundle.subscribe();
+        let root = root_pem();
+        workloads
+            .apply(&rooted(1, vec![], &root), &bundle, StreamPosition::First)
+            .expect("v1");
+        assert_eq!(*revisions.borrow(), 1);
+        // Workloads and policies change; roots do not: live tunnels are not woken.
+        workloads
+            .apply(
+                &rooted(2, vec![workload("a", "10.0.0.1")], &root),
+                &bundle,
+                StreamPosition::Later,
+            )
+            .expect("v2");
+        assert_eq!(*revisions.borrow(), 1);
+        // A second root (a CA rotation) is a change.
+        let mut rotated = rooted(3, vec![], &root);
+        rotated.trust_roots_pem.push(root_pem());
+        workloads
+            .apply(&rotated, &bundle, StreamPosition::Later)
+            .expect("v3");
+        assert_eq!(*revisions.borrow(), 2);
+        assert_eq!(bundle.current().domains["cluster.local"].anchors.len(), 2);
     }
 }

@@ -13,6 +13,7 @@ pub mod deliver;
 pub mod discovery;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

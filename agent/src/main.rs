@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent.
-    Agent(run::AgentConfig),
+    Agent(Box<run::AgentConfig>),
     /// List the pods the agent on this node has enrolled.
     Pods {
         /// The agent's node socket.
@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent(config) => run::run(config).await,
+        Command::Agent(config) => run::run(*config).await,
         Command::Status { view } => {
             view.show("/status", Some("status"), cli::print_status)
                 .await

@@ -106,6 +106,17 @@ pub struct BuildLabels {
 }
 
 /// Everything the agent counts.
+impl Metrics {
+    /// Counts one tunnel timeout of kind `reason`.
+    pub fn tunnel_timeout(&self, reason: &str) {
+        self.tunnel_timeouts
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections_opened: Family<ConnectionLabels, Counter>,
@@ -115,6 +126,10 @@ pub struct Metrics {
     pub connections_active: Family<DirectionLabels, Gauge>,
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub policy_denials: Family<ReasonLabels, Counter>,
+    /// Inbound connections refused at accept because a connection cap was reached.
+    pub connections_shed: Family<ReasonLabels, Counter>,
+    /// Tunnel connections dropped because of a timeout (handshake, idle, keepalive).
+    pub tunnel_timeouts: Family<ReasonLabels, Counter>,
     pub certificate_expiry: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub certificate_not_before: Family<IdentityLabels, Gauge<i64, AtomicI64>>,
     pub certificate_rotations: Family<IdentityLabels, Counter>,
@@ -138,6 +153,8 @@ impl Metrics {
             connections_active: Family::default(),
             handshake_failures: Family::default(),
             policy_denials: Family::default(),
+            connections_shed: Family::default(),
+            tunnel_timeouts: Family::default(),
             certificate_expiry: Family::default(),
             certificate_not_before: Family::default(),
             certificate_rotations: Family::default(),
@@ -179,6 +196,16 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes that failed, by direction and reason",
             m.handshake_failures.clone(),
+        );
+        registry.register(
+            "connections_shed",
+            "Inbound connections refused at once because a connection cap was reached, by reason",
+            m.connections_shed.clone(),
+        );
+        registry.register(
+            "tunnel_timeouts",
+            "Tunnel connections dropped by a timeout, by reason (handshake, idle, keepalive, connect_response)",
+            m.tunnel_timeouts.clone(),
         );
         registry.register(
             "policy_denials",
@@ -326,11 +353,7 @@ impl Metrics {
             let mut seen = self.redirect_seen.lock().unwrap_or_else(|e| e.into_inner());
             for (event, now, before) in [
                 ("redirected", now.redirected, seen.redirected),
-                (
-                    "skipped_agent_mark",
-                    now.skipped_agent_mark,
-                    seen.skipped_agent_mark,
-                ),
+                ("skipped_agent", now.skipped_agent, seen.skipped_agent),
                 (
                     "original_dst_recorded",
                     now.original_dst_recorded,

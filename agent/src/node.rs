@@ -5,6 +5,7 @@ use crate::{
     connections::LiveConnections,
     discovery::Workloads,
     identity::IdentityStore,
+    limits::{ConnectionLimiter, TunnelLimits},
     redirect::Redirect,
     tls::{TlsSettings, TrustBundle},
     tunnel::Pool,
@@ -32,4 +33,8 @@ pub struct NodeAgent {
     /// Live inbound connections, re-checked when the policy changes.
     pub connections: Arc<LiveConnections>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Timeouts and limits of tunnel connections, both sides.
+    pub limits: TunnelLimits,
+    /// Caps on the connections peers hold open to this node's pods (tunnel and plaintext).
+    pub inbound_connections: Arc<ConnectionLimiter>,
 }

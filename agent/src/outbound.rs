@@ -112,10 +112,16 @@ pub(crate) async fn handle(
                 bundle: agent.bundle.clone(),
                 provider: agent.tls.provider.clone(),
                 client_leaf,
+                limits: &agent.limits,
             };
-            match tokio::time::timeout(tunnel::CONNECT_TIMEOUT, connector.connect(endpoint)).await {
+            match tokio::time::timeout(agent.limits.handshake_timeout, connector.connect(endpoint))
+                .await
+            {
                 Ok(result) => result,
-                Err(_) => Err(tunnel::TunnelError::Timeout(endpoint)),
+                Err(_) => {
+                    agent.metrics.tunnel_timeout("connect");
+                    Err(tunnel::TunnelError::Timeout(endpoint))
+                }
             }
         };
         // Boxed: a tunnel set-up (TCP, TLS and HTTP/2 handshakes) is a large future, and in
@@ -139,17 +145,20 @@ pub(crate) async fn handle(
             }
         }
     };
-    let (send, answer) = match tunnel::start_stream(checkout.sender(), endpoint, original).await {
-        Ok(s) => s,
-        Err(e) => {
-            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
-                checkout.poison();
+    let traceparent = tunnel::new_traceparent();
+    let (send, answer) =
+        match tunnel::start_stream(checkout.sender(), endpoint, original, &traceparent).await {
+            Ok(s) => s,
+            Err(e) => {
+                if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                    checkout.poison();
+                }
+                tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
+                dst = %original, dst_identity = %destination.identity, %traceparent,
+                outcome = "failed", reason = %e);
+                return;
             }
-            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-                dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
-            return;
-        }
-    };
+        };
     let (registration, _never_closed) = agent.connections.register(NewConnection {
         direction: Direction::Outbound,
         pod: pod.uid.clone(),
@@ -165,8 +174,20 @@ pub(crate) async fn handle(
     });
     let bytes = registration.bytes();
     let checkout_ref = &checkout;
+    let response_timeout = agent.limits.connect_response_timeout;
+    let metrics = &agent.metrics;
     let recv = async move {
-        answer.await.map_err(|e| {
+        let answer = match tokio::time::timeout(response_timeout, answer).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                metrics.tunnel_timeout("connect_response");
+                Err(tunnel::TunnelError::NoAnswer {
+                    authority: original.to_string(),
+                    waited: response_timeout,
+                })
+            }
+        };
+        answer.map_err(|e| {
             if matches!(e, tunnel::TunnelError::Http2 { .. }) {
                 checkout_ref.poison();
             }
@@ -186,7 +207,7 @@ pub(crate) async fn handle(
     tracing::info!(target: "access", direction = "outbound", src = %source_identity,
         src_workload = %source.display_name(), dst = %original,
         dst_workload = %destination.display_name(), dst_identity = %destination.identity,
-        bytes_sent = sent, bytes_received = received,
+        bytes_sent = sent, bytes_received = received, %traceparent,
         duration_ms = started.elapsed().as_millis() as u64, outcome, reason = %reason,
         "connection closed");
 }

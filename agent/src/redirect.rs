@@ -63,6 +63,8 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot tell the agent's own cgroup (v2): {0}; the redirect programs recognise the agent by it")]
+    OwnCgroup(String),
     #[error("cannot pin link {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -105,7 +107,7 @@ impl Drop for DeliveryPass<'_> {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct RedirectStats {
     pub redirected: u64,
-    pub skipped_agent_mark: u64,
+    pub skipped_agent: u64,
     pub original_dst_recorded: u64,
     pub refused_no_space: u64,
     pub peername_rewritten: u64,
@@ -127,6 +129,24 @@ impl Redirect {
             .default_map_pin_directory(pin_dir)
             .load(PROGRAMS)?;
         start_kernel_log(&mut ebpf);
+        // Before anything is attached: the programs know the agent by its cgroup.
+        let agent_cgroup = own_cgroup_id()?;
+        {
+            let map = ebpf
+                .map_mut("AGENT_CGROUP")
+                .ok_or(RedirectError::MissingMap("AGENT_CGROUP"))?;
+            let mut array: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(map)
+                .map_err(|source| RedirectError::Map {
+                    name: "AGENT_CGROUP",
+                    source,
+                })?;
+            array
+                .set(0, agent_cgroup, 0)
+                .map_err(|source| RedirectError::Map {
+                    name: "AGENT_CGROUP",
+                    source,
+                })?;
+        }
         let cgroup_file = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -306,7 +326,7 @@ impl Redirect {
         };
         RedirectStats {
             redirected: read(stats::REDIRECTED),
-            skipped_agent_mark: read(stats::SKIPPED_AGENT_MARK),
+            skipped_agent: read(stats::SKIPPED_AGENT),
             original_dst_recorded: read(stats::ORIGINAL_DST_RECORDED),
             refused_no_space: read(stats::REFUSED_NO_SPACE),
             peername_rewritten: read(stats::PEERNAME_REWRITTEN),
@@ -432,6 +452,35 @@ pub fn original_to_socket_addr(original: &OriginalDst) -> SocketAddr {
         None => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, original.port)
+}
+
+/// The cgroup v2 id of this process (the inode of its cgroup folder in the cgroup2 mount), as
+/// `bpf_get_current_cgroup_id()` reports it for the agent's own threads.
+fn own_cgroup_id() -> Result<u64, RedirectError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |reason: String| RedirectError::OwnCgroup(reason);
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| err(format!("reading /proc/self/cgroup: {e}")))?;
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| err("no cgroup v2 line (0::) in /proc/self/cgroup".into()))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("reading /proc/self/mountinfo: {e}")))?;
+    // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS... - FSTYPE SOURCE SUPER
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split(' ').nth(4).map(str::to_string))?
+        })
+        .ok_or_else(|| err("no cgroup2 mount in /proc/self/mountinfo".into()))?;
+    let dir = PathBuf::from(mount).join(path.trim_start_matches('/'));
+    std::fs::metadata(&dir)
+        .map(|m| m.ino())
+        .map_err(|e| err(format!("{}: {e}", dir.display())))
 }
 
 #[cfg(test)]

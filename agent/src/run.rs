@@ -7,6 +7,7 @@ use meshlet_proto::v1::node_service_server::NodeServiceServer;
 use crate::{
     discovery,
     identity::{GrpcCaClient, IdentityStore},
+    limits::{self, TunnelLimits},
     node::{NodeAgent, UnknownDestination},
     node_api::NodeApi,
     pods::PodRegistry,
@@ -65,6 +66,33 @@ pub struct AgentConfig {
     /// Seconds a pooled tunnel connection may carry no stream before it is closed.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub tunnel_idle_timeout: u64,
+    /// Seconds a peer has for TCP → TLS → HTTP/2 preface on a pod's tunnel listener (and the
+    /// client for the same towards a peer) before the connection is dropped.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tunnel_handshake_timeout: u64,
+    /// Seconds a server-side tunnel connection may carry no stream before it is closed (keep
+    /// it above --tunnel-idle-timeout, so that clients close their idle connections first).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tunnel_server_idle_timeout: u64,
+    /// Seconds between HTTP/2 PINGs on every tunnel connection.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tunnel_keepalive_interval: u64,
+    /// Seconds a PING (or unacknowledged data: TCP_USER_TIMEOUT) may go unanswered before the
+    /// peer counts as dead and its connection is dropped.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tunnel_keepalive_timeout: u64,
+    /// CONNECT streams one peer may open at once on one tunnel connection (advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; the client side follows the peer's own).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tunnel_max_streams: u32,
+    /// Inbound connections (tunnel and plaintext) one source address may hold open at once;
+    /// the newest past it are refused.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_source: u64,
+    /// Inbound connections the agent holds open in all; the newest past it are refused.
+    /// Default: 3/8 of the open-files limit (the agent raises it to the hard limit at start).
+    #[arg(long)]
+    pub max_inbound_connections: Option<usize>,
     /// Connections to addresses that are no known workload.
     #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
     pub unknown_destination: UnknownDestination,
@@ -94,8 +122,32 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// The tunnel's timeouts and limits from the flags.
+    pub fn tunnel_limits(&self) -> TunnelLimits {
+        TunnelLimits {
+            handshake_timeout: Duration::from_secs(self.tunnel_handshake_timeout),
+            idle_timeout: Duration::from_secs(self.tunnel_server_idle_timeout),
+            keepalive_interval: Duration::from_secs(self.tunnel_keepalive_interval),
+            keepalive_timeout: Duration::from_secs(self.tunnel_keepalive_timeout),
+            max_streams: self.tunnel_max_streams,
+            ..TunnelLimits::default()
+        }
+    }
+}
+
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    raise_open_files_limit();
+    let open_files = limits::raise_open_files_limit();
+    let inbound_cap = config
+        .max_inbound_connections
+        .unwrap_or_else(|| limits::default_inbound_cap(open_files));
+    let per_source = usize::try_from(config.max_connections_per_source).unwrap_or(usize::MAX);
+    tracing::info!(
+        open_files,
+        max_inbound_connections = inbound_cap,
+        max_connections_per_source = per_source,
+        "open-files limit and inbound connection caps"
+    );
     let redirect = Arc::new(
         Redirect::attach(&config.pod_cgroup, &config.bpf_pin_dir)
             .context("attaching the eBPF redirect")?,
@@ -150,6 +202,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         unknown_destination: config.unknown_destination,
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),
+        limits: config.tunnel_limits(),
+        inbound_connections: limits::ConnectionLimiter::new(per_source, inbound_cap),
     });
     // Idle tunnel connections go (a burst's extra ones, those to pods that left).
     {
@@ -209,18 +263,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     serve.await.context("node API server")?;
     tracing::info!("meshlet agent stopping");
     Ok(())
-}
-
-/// Every proxied connection costs the agent a socket or two: use the whole hard limit.
-fn raise_open_files_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
-            }
-        }
-    }
 }
 
 async fn shutdown_signal() {

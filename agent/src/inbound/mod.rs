@@ -17,6 +17,38 @@ use crate::{
 pub mod plaintext;
 pub mod tunnel;
 
+/// A slot under the inbound connection caps for a connection from `peer`, or `None` (counted
+/// and logged) when the connection must be shed: the newest connection is the one refused,
+/// so the ones already working keep working.
+pub(crate) fn slot(
+    agent: &NodeAgent,
+    pod: &PodHandle,
+    peer: SocketAddr,
+    listener: &'static str,
+) -> Option<crate::limits::Permit> {
+    match agent.inbound_connections.try_acquire(peer.ip()) {
+        Ok(permit) => Some(permit),
+        Err(shed) => {
+            agent
+                .metrics
+                .connections_shed
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: shed.reason().into(),
+                })
+                .inc();
+            tracing::warn!(target: "access", direction = "inbound", listener, pod = %pod.uid,
+                %peer, outcome = "refused", reason = %shed, "connection shed");
+            None
+        }
+    }
+}
+
+/// Whether `port` is one of the agent's own ports in the pod: no tunnel stream and no
+/// plaintext connection may be delivered there (it would come back to the agent).
+pub(crate) fn is_agent_port(port: u16) -> bool {
+    meshlet_common::AGENT_PORTS.contains(&port)
+}
+
 /// An admitted connection: listed while it lives, closed when told to.
 pub(crate) struct Admission {
     pub registration: Registration,

@@ -33,6 +33,10 @@ pub(crate) async fn handle(
     peer: SocketAddr,
 ) {
     let started = Instant::now();
+    let Some(_permit) = super::slot(&agent, &pod, peer, "plaintext") else {
+        reset(client);
+        return;
+    };
     let Ok(target) = client.local_addr() else {
         reset(client);
         return;
@@ -48,6 +52,15 @@ pub(crate) async fn handle(
         tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
             src = %peer, dst = %target, dst_workload = %local.display_name(), outcome = "refused",
             reason = "destination is not an address of this pod");
+        reset(client);
+        return;
+    }
+    // A plaintext connection straight to the agent's own plaintext port (no capture runs for
+    // it): delivering it would connect the agent to itself.
+    if super::is_agent_port(target.port()) {
+        tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
+            src = %peer, dst = %target, dst_workload = %local.display_name(), outcome = "refused",
+            reason = "destination is one of the agent's own ports");
         reset(client);
         return;
     }

@@ -41,6 +41,9 @@ pub struct BundleState {
     /// The chain the CA signs with now (signer first); empty when the control plane did not
     /// say.
     pub signer_chain: Vec<CertificateDer<'static>>,
+    /// What the control plane sent for all of the above (`BundleState::source_of`): an update
+    /// that sends the same leaves the bundle, and every live tunnel's watcher, alone.
+    pub source: u64,
 }
 
 fn to_time(t: i64) -> SystemTime {
@@ -73,6 +76,22 @@ fn roots_of(domain: &str, pems: &[String]) -> Result<DomainRoots, TlsError> {
 }
 
 impl BundleState {
+    /// A digest of the trust part of an update (domain, roots, federated bundles, CRLs,
+    /// signer chain), in order.
+    pub fn source_of(update: &DiscoveryResponse) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        update.trust_domain.hash(&mut h);
+        update.trust_roots_pem.hash(&mut h);
+        for b in &update.federated_bundles {
+            b.trust_domain.hash(&mut h);
+            b.roots_pem.hash(&mut h);
+        }
+        update.crls_pem.hash(&mut h);
+        update.signer_chain_pem.hash(&mut h);
+        h.finish()
+    }
+
     /// Validates the trust part of a control-plane update; any bad piece refuses all of it.
     pub fn from_update(update: &DiscoveryResponse) -> Result<Self, TlsError> {
         let own = update.trust_domain.clone();
@@ -122,6 +141,7 @@ impl BundleState {
             crls,
             crl_summaries,
             signer_chain,
+            source: Self::source_of(update),
         })
     }
 }
@@ -158,6 +178,14 @@ impl TrustBundle {
     pub fn replace(&self, state: BundleState) {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
         self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// Whether an update with this `BundleState::source_of` would change the bundle in force.
+    /// Discovery skips parsing and replacing an unchanged bundle, so that a policy or workload
+    /// change does not make every live tunnel re-verify its peer's chain.
+    pub fn differs_from(&self, source: u64) -> bool {
+        let current = self.current();
+        current.source != source || current.domains.is_empty()
     }
 
     pub fn current(&self) -> Arc<BundleState> {

@@ -17,6 +17,7 @@ use super::{
     TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
 use crate::{
+    limits::TunnelLimits,
     netns::Netns,
     tls::{verify, Purpose, TrustBundle},
 };
@@ -33,6 +34,8 @@ pub struct TunnelConnector<'a> {
     /// The leaf we present (the current certificate of the source identity), its
     /// `pool::fingerprint`.
     pub client_leaf: u64,
+    /// Keepalive and header limits.
+    pub limits: &'a TunnelLimits,
 }
 
 fn server_chain_issuer(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> u64 {
@@ -64,6 +67,7 @@ impl TunnelConnector<'_> {
                 addr: endpoint,
                 source,
             })?;
+        super::set_user_timeout(&socket2::SockRef::from(&tcp), self.limits.keepalive_timeout);
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         // The name is not used for verification (SPIFFE IDs are); it only fills SNI.
         let name = ServerName::IpAddress(endpoint.ip().into());
@@ -91,10 +95,11 @@ impl TunnelConnector<'_> {
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(self.limits.max_header_list_size)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
@@ -110,10 +115,22 @@ impl TunnelConnector<'_> {
             server_chain,
             Purpose::ServerAuth,
         );
+        let keepalive = super::keepalive(
+            connection.ping_pong(),
+            self.limits.keepalive_interval,
+            self.limits.keepalive_timeout,
+        );
         tokio::spawn(async move {
             tokio::select! {
                 result = connection => if let Err(e) = result {
                     tracing::debug!(%endpoint, "tunnel connection ended: {e}");
+                },
+                waited = keepalive => {
+                    // Mark it closed before it goes, so no new stream picks it meanwhile.
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                    tracing::warn!(target: "audit", event = "tunnel_closed", direction = "outbound",
+                        %endpoint, reason = "keepalive_timeout",
+                        "closed a tunnel: the peer answered no PING for {waited:?}");
                 },
                 rejection = untrusted => {
                     flag.store(true, std::sync::atomic::Ordering::Release);
@@ -142,6 +159,7 @@ pub async fn start_stream(
     mut sender: h2::client::SendRequest<Bytes>,
     endpoint: SocketAddr,
     authority: SocketAddr,
+    traceparent: &str,
 ) -> Result<
     (
         h2::SendStream<Bytes>,
@@ -157,6 +175,7 @@ pub async fn start_stream(
         .method(http::Method::CONNECT)
         .uri(authority.to_string())
         .version(http::Version::HTTP_2)
+        .header(super::TRACEPARENT, traceparent)
         .body(())
         .map_err(|_| TunnelError::Refused {
             authority: authority.to_string(),

@@ -45,6 +45,9 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// `recv` may still be on its way (the client side sends the app's first bytes with the
 /// `CONNECT`, before the peer's answer: one round trip less per connection); if it fails, both
 /// directions end and the stream is reset.
+///
+/// Any error resets the TCP side too (`SO_LINGER` 0): a refused or broken tunnel stream is a
+/// reset to the app, never a clean end of stream.
 pub async fn copy_bidirectional(
     tcp: tokio::net::TcpStream,
     mut send: h2::SendStream<Bytes>,
@@ -68,7 +71,19 @@ pub async fn copy_bidirectional(
         }
         n
     };
-    let (tcp_to_stream, stream_to_tcp) = tokio::try_join!(up, down)?;
+    let result = tokio::try_join!(up, down);
+    let (tcp_to_stream, stream_to_tcp) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            // The tunnel side failed (the peer refused the CONNECT, reset the stream, went
+            // away): the app must see a reset, not a clean end as if the server had answered
+            // and closed.
+            if let Ok(tcp) = rd.reunite(wr) {
+                let _ = tcp.set_zero_linger();
+            }
+            return Err(e);
+        }
+    };
     Ok(Transferred {
         tcp_to_stream,
         stream_to_tcp,
@@ -331,7 +346,7 @@ mod tests {
         app.write_all(b"PING\r\n").await.expect("request");
         app.shutdown().await.expect("FIN");
         let endpoint = "10.0.0.2:15008".parse().expect("addr");
-        let (send, answer) = crate::tunnel::start_stream(sender, endpoint, endpoint)
+        let (send, answer) = crate::tunnel::start_stream(sender, endpoint, endpoint, "")
             .await
             .expect("CONNECT");
         let answer = async { answer.await.map_err(io::Error::other) };
