@@ -55,6 +55,8 @@ pub struct Lab {
     runtime: tokio::runtime::Runtime,
     children: Vec<Child>,
     torn_down: bool,
+    /// How the control plane was started, to start it again.
+    controlplane_args: Vec<std::ffi::OsString>,
 }
 
 fn state_path(file: &str) -> PathBuf {
@@ -136,6 +138,7 @@ impl Lab {
             runtime,
             children: Vec::new(),
             torn_down: false,
+            controlplane_args: Vec::new(),
         };
         // From here on, a failure tears down what was made (Drop).
         lab.build(pods, options)?;
@@ -267,26 +270,21 @@ impl Lab {
         // PKI", never a self-signed signer.
         let pki = crate::pki::LabPki::create(&state_path("pki"), &options.trust_domain)?;
         let log = std::fs::File::create(&topo.controlplane_log)?;
-        let mut cp = Command::new(&cp_bin);
-        cp.args(pki.controlplane_args())
-            .arg("--state-dir")
-            .arg(state_path("controlplane"))
-            .args(&options.controlplane_args)
-            .arg("--listen")
-            .arg(format!("unix:{}", topo.controlplane_socket))
-            .arg("--workloads")
-            .arg(&topo.workloads_file)
-            .args(["--trust-domain", &options.trust_domain])
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = cp.spawn().context("starting the control plane")?;
-        self.record_pid(child.id())?;
+        let mut cp_args: Vec<std::ffi::OsString> = Vec::new();
+        cp_args.extend(pki.controlplane_args().into_iter().map(Into::into));
+        cp_args.push("--state-dir".into());
+        cp_args.push(state_path("controlplane").into());
+        cp_args.extend(options.controlplane_args.iter().map(Into::into));
+        cp_args.push("--listen".into());
+        cp_args.push(format!("unix:{}", topo.controlplane_socket).into());
+        cp_args.push("--workloads".into());
+        cp_args.push(topo.workloads_file.clone().into());
+        cp_args.push("--trust-domain".into());
+        cp_args.push(options.trust_domain.clone().into());
+        self.controlplane_args = cp_args;
+        drop(log);
+        let child = self.spawn_controlplane()?;
         self.children.push(child);
-        wait_for_path(
-            Path::new(&topo.controlplane_socket),
-            Duration::from_secs(20),
-        )
-        .context("control plane socket")?;
 
         for node in &topo.nodes {
             // Each node joins with a token made for it, as an operator would hand it out.
@@ -477,6 +475,38 @@ impl Lab {
         let child = self.children.get_mut(index + 1).context("agent process")?;
         child.kill()?;
         child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the control plane with the lab's arguments, its output appended to its log,
+    /// and waits for its socket.
+    fn spawn_controlplane(&mut self) -> anyhow::Result<Child> {
+        let path = &self.topology.controlplane_log;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let _ = std::fs::remove_file(&self.topology.controlplane_socket);
+        let child = Command::new(self.bin_dir.join("meshlet-controlplane"))
+            .args(&self.controlplane_args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the control plane")?;
+        self.record_pid(child.id())?;
+        wait_for_path(
+            Path::new(&self.topology.controlplane_socket),
+            Duration::from_secs(20),
+        )
+        .context("control plane socket")?;
+        Ok(child)
+    }
+
+    /// Restarts the control plane (a new process: its versions start again from 1).
+    pub fn restart_controlplane(&mut self) -> anyhow::Result<()> {
+        self.kill_controlplane()?;
+        let child = self.spawn_controlplane()?;
+        self.children[0] = child;
         Ok(())
     }
 

@@ -123,7 +123,10 @@ impl TunnelConnector<'_> {
         tokio::spawn(async move {
             tokio::select! {
                 result = connection => if let Err(e) = result {
-                    tracing::debug!(%endpoint, "tunnel connection ended: {e}");
+                    // A graceful end (GOAWAY, idle close) is Ok; an error is a dead or
+                    // misbehaving peer, which an operator wants to see.
+                    tracing::warn!(target: "audit", event = "tunnel_closed", direction = "outbound",
+                        %endpoint, reason = "error", "tunnel connection failed: {e}");
                 },
                 waited = keepalive => {
                     // Mark it closed before it goes, so no new stream picks it meanwhile.
