@@ -251,18 +251,55 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("binding the node socket {}", socket.display()))?;
+    let listener = bind_node_socket(socket)?;
     tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
+    // Only root on this node may enroll or remove pods: the socket is 0600 root, and each
+    // caller's credentials are checked as well (a socket passed to another process, or a
+    // folder with looser permissions, must not open the API).
+    let callers = tokio_stream::StreamExt::filter(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| match conn {
+            Ok(stream) => node_caller_allowed(stream),
+            Err(_) => true,
+        },
+    );
     let serve = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(30))
         .add_service(NodeServiceServer::new(NodeApi { pods }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown_signal(),
-        );
+        .serve_with_incoming_shutdown(callers, shutdown_signal());
     serve.await.context("node API server")?;
     tracing::info!("meshlet agent stopping");
     Ok(())
+}
+
+/// Binds the node socket with mode 0600 from the start (the umask does not decide it: the
+/// socket is made under a 0177 umask, then checked).
+fn bind_node_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(|| format!("binding the node socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on the node socket {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Whether a node-socket caller may use the API: root only (`SO_PEERCRED`).
+fn node_caller_allowed(stream: &tokio::net::UnixStream) -> bool {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 => true,
+        Ok(cred) => {
+            tracing::warn!(target: "audit", event = "node_api_refused", uid = cred.uid(),
+                pid = ?cred.pid(), "refused a node-socket caller that is not root");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(target: "audit", event = "node_api_refused",
+                "refused a node-socket caller whose credentials cannot be read: {e}");
+            false
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -273,5 +310,28 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_node_socket_is_0600_and_takes_only_root_callers() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("meshlet-node-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("agent.sock");
+        let listener = bind_node_socket(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let client = tokio::net::UnixStream::connect(&path).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        // The tests run as root (the lab needs it); a caller's uid is what decides.
+        let root = nix::unistd::Uid::effective().is_root();
+        assert_eq!(node_caller_allowed(&server), root);
+        drop(client);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

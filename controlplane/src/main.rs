@@ -98,6 +98,9 @@ struct Args {
     /// a root's key then sits online in the control plane.
     #[arg(long)]
     allow_self_signed_signer: bool,
+    /// Use a signing key file that group or others can read (refused by default: `chmod 600`).
+    #[arg(long)]
+    allow_insecure_key_permissions: bool,
     /// State folder: the join tokens.
     #[arg(long, default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -192,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             crls: args.crls.clone(),
             federated: args.federated.iter().cloned().collect(),
             allow_self_signed: args.allow_self_signed_signer,
+            allow_insecure_key_permissions: args.allow_insecure_key_permissions,
         };
         let (signer, trust) = pki::load(&files, &args.trust_domain)?;
         if args.allow_self_signed_signer {

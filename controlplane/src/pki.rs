@@ -58,6 +58,12 @@ pub enum PkiError {
         roots: PathBuf,
         reason: String,
     },
+    #[error(
+        "the signing key {path} can be read by group or others (mode {mode:o}): run \
+         `chmod 600 {path}` (and keep it owned by the control plane's user), or pass \
+         --allow-insecure-key-permissions to use it anyway"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
     #[error("generating the dev CA: {0}")]
     Dev(rcgen::Error),
 }
@@ -78,6 +84,8 @@ pub struct PkiFiles {
     /// Roots of other trust domains (`trust domain → PEM file`), each kept apart.
     pub federated: BTreeMap<String, PathBuf>,
     pub allow_self_signed: bool,
+    /// Use a signing key that group or others can read (refused by default).
+    pub allow_insecure_key_permissions: bool,
 }
 
 /// What signs workload certificates.
@@ -187,6 +195,23 @@ pub fn load(files: &PkiFiles, trust_domain: &str) -> Result<(Signer, Trust), Pki
         return Err(PkiError::SelfSigned {
             path: files.cert.clone(),
         });
+    }
+    if !files.allow_insecure_key_permissions {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&files.key)
+            .map_err(|source| PkiError::Read {
+                what: "signing key",
+                path: files.key.clone(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyPermissions {
+                path: files.key.clone(),
+                mode: mode & 0o777,
+            });
+        }
     }
     let key_pem = read("signing key", &files.key)?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid("signing key", &files.key, e))?;
@@ -473,13 +498,37 @@ mod tests {
             crls: vec![],
             federated: BTreeMap::new(),
             allow_self_signed: false,
+            allow_insecure_key_permissions: false,
         };
         std::fs::write(&files.cert, int.pem()).expect("write");
-        std::fs::write(&files.key, int_key.serialize_pem()).expect("write");
+        write_key(&files.key, &int_key.serialize_pem());
         std::fs::write(&files.roots, root.pem()).expect("write");
         // A root's own files, for the self-signed case.
         std::fs::write(dir.join(format!("{tag}-root.key")), "").expect("write");
         files
+    }
+
+    /// A private key file as an operator should keep it: 0600.
+    fn write_key(path: &Path, pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, pem).expect("write");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
+    #[test]
+    fn refuses_a_key_that_others_can_read_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("perms");
+        let mut files = write_pki(&dir.0, "a");
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let err = load(&files, "cluster.local")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("chmod 600") && err.contains("mode 644"), "{err}");
+        files.allow_insecure_key_permissions = true;
+        load(&files, "cluster.local").expect("allowed when asked");
     }
 
     fn temp_dir(name: &str) -> Dir {
@@ -505,7 +554,7 @@ mod tests {
         let root = ca_params("lonely root").self_signed(&key).expect("root");
         let mut files = write_pki(&dir.0, "a");
         std::fs::write(&files.cert, root.pem()).expect("write");
-        std::fs::write(&files.key, key.serialize_pem()).expect("write");
+        write_key(&files.key, &key.serialize_pem());
         std::fs::write(&files.roots, root.pem()).expect("write");
         let err = load(&files, "cluster.local")
             .err()

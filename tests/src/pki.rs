@@ -72,9 +72,9 @@ impl LabPki {
         let int = ca_params(&format!("lab intermediate ({trust_domain})"))
             .signed_by(&int_key, &root_issuer)?;
         std::fs::write(pki.cert_path(LabCa::Root), root.pem())?;
-        std::fs::write(pki.key_path(LabCa::Root), root_issuer.key().serialize_pem())?;
+        write_private(&pki.key_path(LabCa::Root), &root_issuer.key().serialize_pem())?;
         std::fs::write(pki.cert_path(LabCa::Intermediate), int.pem())?;
-        std::fs::write(pki.key_path(LabCa::Intermediate), int_key.serialize_pem())?;
+        write_private(&pki.key_path(LabCa::Intermediate), &int_key.serialize_pem())?;
         std::fs::write(pki.roots_path(), root.pem())?;
         let fresh = OffsetDateTime::now_utc() + Duration::from_secs(24 * 3600);
         pki.write_crl(LabCa::Root, &[], fresh)?;
@@ -155,9 +155,32 @@ impl LabPki {
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees half a file.
+///
+/// Owner-only (0600), as keys must be; the lab's certificates need no more.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut file, contents)?;
+    drop(file);
     std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Writes a private key readable by its owner only, as the control plane demands.
+pub fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut file, pem.as_bytes())?;
     Ok(())
 }
