@@ -346,17 +346,9 @@ impl ControlPlane {
             expected: format!("spiffe://{}/meshlet/controlplane", settings.trust_domain),
         });
         let uri = Self::expected_node_uri(&settings);
-        let key_path = settings.identity_dir.join("node.key");
-        let cert_path = settings.identity_dir.join("node.pem");
-        let stored = match (
-            std::fs::read_to_string(&key_path),
-            std::fs::read_to_string(&cert_path),
-        ) {
-            (Ok(key), Ok(chain)) => accept_chain(&provider, &uri, &key, &[chain])
-                .ok()
-                .filter(|c| c.not_after > SystemTime::now() + Duration::from_secs(30)),
-            _ => None,
-        };
+        let stored = load_stored(&settings.identity_dir)
+            .and_then(|(key, chain)| accept_chain(&provider, &uri, &key, &[chain]).ok())
+            .filter(|c| c.not_after > SystemTime::now() + Duration::from_secs(30));
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
         let credentials = Arc::new(NodeCredentials {
             current: RwLock::new(None),
@@ -397,7 +389,8 @@ impl ControlPlane {
         let credentials = self.credentials.clone();
         let renewal = self.renewal_handle();
         tokio::spawn(async move {
-            let mut retry = Duration::from_millis(200);
+            let mut backoff =
+                crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
             loop {
                 match Self::join(&settings, &provider, verifier.clone()).await {
                     Ok(cert) => {
@@ -406,10 +399,10 @@ impl ControlPlane {
                         return;
                     }
                     Err(e) => {
+                        let retry = backoff.next_delay();
                         tracing::error!(target: "audit", event = "node_join_failed", node = %settings.node,
                             error = %e, retry_in = ?retry, "cannot join the control plane");
                         tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(Duration::from_secs(30));
                     }
                 }
             }
@@ -499,8 +492,35 @@ fn store(
         path: settings.identity_dir.clone(),
         source,
     })?;
-    write_private(&settings.identity_dir.join("node.key"), key_pem)?;
-    write_private(&settings.identity_dir.join("node.pem"), &chain.concat())
+    // Key and chain in one file, replaced by one rename: a crash can never leave a key
+    // beside another key's certificate.
+    write_private(
+        &settings.identity_dir.join(IDENTITY_FILE),
+        &format!("{}{}", key_pem, chain.concat()),
+    )?;
+    // The two files of earlier versions would be read before nothing else; remove them so a
+    // stale pair is never picked up again.
+    for old in ["node.key", "node.pem"] {
+        let _ = std::fs::remove_file(settings.identity_dir.join(old));
+    }
+    Ok(())
+}
+
+/// The node's key and certificate chain, together (key first, then the chain, PEM).
+const IDENTITY_FILE: &str = "node-identity.pem";
+
+/// The stored key PEM and chain PEM: from the one identity file, or from the two files an
+/// earlier version wrote.
+fn load_stored(dir: &std::path::Path) -> Option<(String, String)> {
+    if let Ok(text) = std::fs::read_to_string(dir.join(IDENTITY_FILE)) {
+        const END: &str = "-----END PRIVATE KEY-----";
+        let split = text.find(END)? + END.len();
+        let (key, chain) = text.split_at(split);
+        return Some((key.to_string(), chain.to_string()));
+    }
+    let key = std::fs::read_to_string(dir.join("node.key")).ok()?;
+    let chain = std::fs::read_to_string(dir.join("node.pem")).ok()?;
+    Some((key, chain))
 }
 
 /// What the renewal task needs.
@@ -523,7 +543,8 @@ impl Renewal {
         let mut client = NodeIdentityServiceClient::new(channel);
         tokio::spawn(async move {
             let (mut not_before, mut not_after) = (not_before, not_after);
-            let mut retry = Duration::from_millis(500);
+            let mut backoff =
+                crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120));
             loop {
                 // Half the life left (± 10 %), counted from when this certificate was taken.
                 let taken = SystemTime::now().max(not_before);
@@ -559,17 +580,57 @@ impl Renewal {
                         credentials.install(cert.certified.clone());
                         not_before = cert.not_before;
                         not_after = cert.not_after;
-                        retry = Duration::from_millis(500);
+                        backoff.reset();
                         tracing::info!(target: "audit", event = "node_certificate_renewed", node = %settings.node, "node certificate renewed");
                     }
                     Err(e) => {
+                        let retry = backoff.next_delay();
                         tracing::warn!(target: "audit", event = "node_certificate_renewal_failed", node = %settings.node, error = %e, retry_in = ?retry, "node certificate renewal failed");
                         tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(Duration::from_secs(120));
                         // The next turn waits no more: renew_at has passed.
                     }
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_key_and_chain_are_stored_together_and_read_back_as_a_pair() {
+        let dir = std::env::temp_dir().join(format!("meshlet-node-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let settings = ControlPlaneSettings {
+            address: "unix:/nowhere".into(),
+            node: "node-1".into(),
+            trust_domain: "td".into(),
+            roots_file: dir.join("roots.pem"),
+            identity_dir: dir.clone(),
+            token_file: None,
+        };
+        let uri = ControlPlane::expected_node_uri(&settings);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.clone().try_into().expect("uri"))];
+        let cert = params.self_signed(&key).expect("cert");
+        // Files of an earlier version, with another key: replaced, never paired again.
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("node.key"), "stale").expect("write");
+        store(&settings, &key.serialize_pem(), &[cert.pem()]).expect("store");
+        assert!(!dir.join("node.key").exists() && !dir.join("node.pem").exists());
+        let (key_pem, chain_pem) = load_stored(&dir).expect("stored");
+        let provider = crate::tls::provider(false);
+        let node = accept_chain(&provider, &uri, &key_pem, &[chain_pem]).expect("a pair");
+        assert_eq!(node.certified.cert.len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(IDENTITY_FILE))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

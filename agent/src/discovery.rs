@@ -266,16 +266,31 @@ pub async fn follow(
     bundle: Arc<TrustBundle>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let result = follow_once(channel.clone(), &node, &workloads, &bundle, &metrics).await;
+        let mut connected = false;
+        let result = follow_once(
+            channel.clone(),
+            &node,
+            &workloads,
+            &bundle,
+            &metrics,
+            &mut connected,
+        )
+        .await;
         metrics.control_plane_connected.set(0);
-        match result {
-            Ok(()) => tracing::warn!("discovery stream ended; reconnecting"),
-            Err(e) => tracing::warn!("discovery stream failed: {e}; reconnecting in {backoff:?}"),
+        // A stream that got going was a success: the next failure starts from the shortest
+        // delay again, not from where a long outage left the backoff.
+        if connected {
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        let wait = backoff.next_delay();
+        match result {
+            Ok(()) => tracing::warn!("discovery stream ended; reconnecting in {wait:?}"),
+            Err(e) => tracing::warn!("discovery stream failed: {e}; reconnecting in {wait:?}"),
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -285,6 +300,7 @@ async fn follow_once(
     workloads: &Workloads,
     bundle: &TrustBundle,
     metrics: &crate::metrics::Metrics,
+    connected: &mut bool,
 ) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     let hello = DiscoveryRequest {
@@ -296,6 +312,7 @@ async fn follow_once(
     let mut client = DiscoveryServiceClient::new(channel);
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     metrics.control_plane_connected.set(1);
+    *connected = true;
     let mut position = StreamPosition::First;
     while let Some(update) = responses.next().await {
         let update = update?;

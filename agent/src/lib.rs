@@ -6,6 +6,7 @@
 //! pooled) → [`inbound`] (authenticate, check the target) → [`deliver`] (connect to the app
 //! with the client's address).
 pub mod admin;
+pub mod backoff;
 pub mod cli;
 pub mod connections;
 pub mod control_plane;

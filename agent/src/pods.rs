@@ -23,6 +23,8 @@ pub enum PodError {
     EmptyUid,
     #[error("pod {uid} is already enrolled with netns {existing}; remove it first")]
     Conflict { uid: String, existing: PathBuf },
+    #[error("pod {uid} is being enrolled by another request; retry when it has finished")]
+    InProgress { uid: String },
     #[error("pod {uid}: {source}")]
     Netns {
         uid: String,
@@ -112,6 +114,25 @@ pub struct PodSummary {
 pub struct PodRegistry {
     agent: Arc<NodeAgent>,
     pods: Mutex<HashMap<String, Pod>>,
+    /// Uids whose enrollment is under way: a second AddPod for one of them is refused until
+    /// the first has finished (the check and the insert are far apart: netns, listeners,
+    /// routing and capture happen between them).
+    adding: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Takes a uid out of `PodRegistry::adding` when its enrollment ends, however it ends.
+struct Adding<'a> {
+    set: &'a Mutex<std::collections::HashSet<String>>,
+    uid: String,
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.uid);
+    }
 }
 
 /// Listeners made inside the pod's netns.
@@ -128,6 +149,7 @@ impl PodRegistry {
         let registry = Arc::new(Self {
             agent,
             pods: Mutex::new(HashMap::new()),
+            adding: Mutex::new(std::collections::HashSet::new()),
         });
         // Identities follow the workloads the control plane describes.
         let weak = Arc::downgrade(&registry);
@@ -149,15 +171,29 @@ impl PodRegistry {
         if uid.is_empty() {
             return Err(PodError::EmptyUid);
         }
-        if let Some(existing) = self.pods.lock().unwrap_or_else(|e| e.into_inner()).get(uid) {
-            if existing.handle.netns.path() == netns_path {
-                return Ok(existing.handle.netns_cookie);
+        // Both checks under the `adding` lock, so that two requests for one uid cannot both
+        // pass them.
+        let _adding = {
+            let mut adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(existing) = self.pods.lock().unwrap_or_else(|e| e.into_inner()).get(uid) {
+                if existing.handle.netns.path() == netns_path {
+                    return Ok(existing.handle.netns_cookie);
+                }
+                return Err(PodError::Conflict {
+                    uid: uid.to_string(),
+                    existing: existing.handle.netns.path().to_path_buf(),
+                });
             }
-            return Err(PodError::Conflict {
+            if !adding.insert(uid.to_string()) {
+                return Err(PodError::InProgress {
+                    uid: uid.to_string(),
+                });
+            }
+            Adding {
+                set: &self.adding,
                 uid: uid.to_string(),
-                existing: existing.handle.netns.path().to_path_buf(),
-            });
-        }
+            }
+        };
         let netns = Netns::open(netns_path).map_err(|source| PodError::Netns {
             uid: uid.to_string(),
             source,

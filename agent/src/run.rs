@@ -326,7 +326,9 @@ mod tests {
         let listener = bind_node_socket(&path).expect("bind");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let client = tokio::net::UnixStream::connect(&path).await.expect("connect");
+        let client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
         // The tests run as root (the lab needs it); a caller's uid is what decides.
         let root = nix::unistd::Uid::effective().is_root();

@@ -526,7 +526,10 @@ mod tests {
             .err()
             .expect("refused")
             .to_string();
-        assert!(err.contains("chmod 600") && err.contains("mode 644"), "{err}");
+        assert!(
+            err.contains("chmod 600") && err.contains("mode 644"),
+            "{err}"
+        );
         files.allow_insecure_key_permissions = true;
         load(&files, "cluster.local").expect("allowed when asked");
     }

@@ -72,7 +72,10 @@ impl LabPki {
         let int = ca_params(&format!("lab intermediate ({trust_domain})"))
             .signed_by(&int_key, &root_issuer)?;
         std::fs::write(pki.cert_path(LabCa::Root), root.pem())?;
-        write_private(&pki.key_path(LabCa::Root), &root_issuer.key().serialize_pem())?;
+        write_private(
+            &pki.key_path(LabCa::Root),
+            &root_issuer.key().serialize_pem(),
+        )?;
         std::fs::write(pki.cert_path(LabCa::Intermediate), int.pem())?;
         write_private(&pki.key_path(LabCa::Intermediate), &int_key.serialize_pem())?;
         std::fs::write(pki.roots_path(), root.pem())?;

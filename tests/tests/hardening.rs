@@ -598,3 +598,55 @@ fn the_agents_own_ports_are_never_a_delivery_target_and_closed_ports_refuse_at_o
     );
     wait_version(&lab, 2, false);
 }
+
+#[test]
+fn two_add_pods_for_one_uid_never_both_enroll() {
+    let mut specs = pods();
+    for name in ["spare-a", "spare-b"] {
+        specs.push(PodSpec::new(name, "node-1", "spare").outside_mesh());
+    }
+    let lab = Lab::up(&specs, &LabOptions::new(bin_dir())).expect("lab up");
+    let socket = lab
+        .topology
+        .node("node-1")
+        .expect("node-1")
+        .agent_socket
+        .clone();
+    let paths: Vec<String> = ["spare-a", "spare-b"]
+        .iter()
+        .map(|p| lab.topology.pod(p).expect("pod").netns_path.clone())
+        .collect();
+    // The same uid with two network namespaces, at the same moment.
+    let results: Vec<anyhow::Result<u64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                let (lab, socket) = (&lab, &socket);
+                scope.spawn(move || {
+                    lab.add_pod(
+                        socket,
+                        meshlet_proto::v1::AddPodRequest {
+                            uid: "uid-twice".into(),
+                            netns_path: path.clone(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "one uid enrolled twice: {results:?}");
+    let refused = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("one refusal")
+        .to_string();
+    assert!(
+        refused.contains("being enrolled") || refused.contains("already enrolled"),
+        "{refused}"
+    );
+}

@@ -275,9 +275,8 @@ async fn keep_fresh(
     tx: watch::Sender<Option<Arc<WorkloadCertificate>>>,
     renew_now: Arc<Notify>,
 ) {
-    const FIRST_RETRY: Duration = Duration::from_millis(500);
-    const MAX_RETRY: Duration = Duration::from_secs(120);
-    let mut retry = FIRST_RETRY;
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120));
     loop {
         let Some(this) = store.upgrade() else { return };
         match this.fetch(&identity).await {
@@ -292,7 +291,7 @@ async fn keep_fresh(
                 );
                 let cert = Arc::new(cert);
                 tx.send_replace(Some(cert));
-                retry = FIRST_RETRY;
+                backoff.reset();
                 drop(this);
                 let wait = renew_at
                     .duration_since(SystemTime::now())
@@ -303,6 +302,7 @@ async fn keep_fresh(
                 }
             }
             Err(e) => {
+                let retry = backoff.next_delay();
                 let reason = match &e {
                     IdentityError::Ca(super::CaError::Refused { status, .. }) => {
                         match status.code() {
@@ -326,7 +326,6 @@ async fn keep_fresh(
                 tracing::warn!(target: "audit", event = "certificate_request_failed", %identity, error = %e, retry_in = ?retry, "certificate request failed");
                 drop(this);
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(MAX_RETRY);
             }
         }
     }
