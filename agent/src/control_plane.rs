@@ -439,6 +439,8 @@ impl ControlPlane {
             token,
             csr_pem,
         };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(crate::identity::CALL_DEADLINE);
         let chain = client
             .join(request)
             .await
@@ -561,8 +563,10 @@ impl Renewal {
                 let renewed = async {
                     let (key, csr_pem) = key_and_csr(&uri)?;
                     let key_pem = key.serialize_pem();
+                    let mut request = tonic::Request::new(RenewNodeCertificateRequest { csr_pem });
+                    request.set_timeout(crate::identity::CALL_DEADLINE);
                     let chain = client
-                        .renew_node_certificate(RenewNodeCertificateRequest { csr_pem })
+                        .renew_node_certificate(request)
                         .await
                         .map_err(|status| ControlPlaneError::RenewalRefused {
                             node: settings.node.clone(),

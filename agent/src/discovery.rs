@@ -94,10 +94,18 @@ pub enum StreamPosition {
     Later,
 }
 
+/// The largest control-plane update the agent takes (tonic's default is 4 MiB: a mesh of
+/// 50 000 workloads did not fit, and the agent kept its old state with only a log line to
+/// show). A full state of 100 000 workloads is about 8 MB.
+pub const MAX_UPDATE_BYTES: usize = 256 * 1024 * 1024;
+
 /// The workloads of the last accepted version.
 pub struct Workloads {
     snapshot: RwLock<Arc<Snapshot>>,
     changed: watch::Sender<u64>,
+    /// Why the last update from the control plane was not applied (NACK, too large), until
+    /// one is: readiness and `meshlet status` show it.
+    problem: RwLock<Option<String>>,
 }
 
 impl Default for Workloads {
@@ -105,6 +113,7 @@ impl Default for Workloads {
         Self {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             changed: watch::channel(0).0,
+            problem: RwLock::new(None),
         }
     }
 }
@@ -156,6 +165,28 @@ impl Workloads {
         self.snapshot().version
     }
 
+    /// The workloads the control plane places on `node`.
+    pub fn on_node(&self, node: &str) -> Vec<Arc<WorkloadInfo>> {
+        self.snapshot()
+            .by_uid
+            .values()
+            .filter(|w| w.node == node)
+            .cloned()
+            .collect()
+    }
+
+    /// Why the control plane's last update was not applied, if it was not.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.write().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
     /// Notified with the version after every accepted update.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -193,6 +224,7 @@ impl Workloads {
             bundle.replace(trust);
         }
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+        self.set_problem(None);
         self.changed.send_replace(update.version);
         Ok(())
     }
@@ -309,13 +341,22 @@ async fn follow_once(
         })),
     };
     let _ = tx.send(hello).await;
-    let mut client = DiscoveryServiceClient::new(channel);
+    let mut client =
+        DiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     metrics.control_plane_connected.set(1);
     *connected = true;
     let mut position = StreamPosition::First;
     while let Some(update) = responses.next().await {
-        let update = update?;
+        let update = update.inspect_err(|status| {
+            if status.code() == tonic::Code::OutOfRange {
+                metrics.control_plane_rejected.inc();
+                workloads.set_problem(Some(format!(
+                    "update too large (the agent takes up to {MAX_UPDATE_BYTES} bytes): {}",
+                    status.message()
+                )));
+            }
+        })?;
         let applied = workloads.apply(&update, bundle, position);
         if applied.is_ok() {
             position = StreamPosition::Later;
@@ -334,6 +375,11 @@ async fn follow_once(
             }
             Err(e) => {
                 metrics.control_plane_rejected.inc();
+                workloads.set_problem(Some(format!(
+                    "version {} refused (NACK), keeping version {}: {e}",
+                    update.version,
+                    workloads.version()
+                )));
                 tracing::error!(
                     version = update.version,
                     "refused control-plane update (NACK), keeping version {}: {e}",

@@ -233,7 +233,12 @@ async fn main() -> anyhow::Result<()> {
         trust: trust.clone(),
         trust_domain: args.trust_domain.clone(),
     };
+    // Dead nodes are noticed (HTTP/2 PINGs); a node opens few streams; a call that hangs
+    // ends.
     let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(64))
         .add_service(NodeIdentityServiceServer::new(node_identity))
         .add_service(CertificateServiceServer::new(services::Certificates {
             ca,

@@ -35,6 +35,11 @@ use crate::{ca::CertificateAuthority, pki::Trust};
 const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes the control plane runs at once; more connections wait in the backlog or
+/// are dropped.
+const MAX_HANDSHAKES: usize = 256;
+/// How long a connection without a node certificate (a Join) may stay open.
+const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Who is calling: the node its certificate names, if it presented one.
 #[derive(Debug, Clone, Default)]
@@ -236,7 +241,13 @@ where
         provider: provider.clone(),
         current: Mutex::new(None),
     });
+    // TLS handshakes in flight: anyone can open a connection (Join needs no certificate), so
+    // their number is bounded; past it, new connections are dropped at once.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let mut trust = serving.trust.clone();
     tokio::spawn(async move {
+        // Built once per trust change (roots and CRLs parsed), not per connection.
+        let mut config: Option<Arc<rustls::ServerConfig>> = None;
         loop {
             let io = match accept().await {
                 Ok(io) => io,
@@ -246,18 +257,28 @@ where
                     continue;
                 }
             };
-            let trust = serving.trust.borrow().clone();
-            let config = match server_config(&trust, cert.clone(), provider.clone()) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!("cannot build the control plane's TLS config: {e}");
-                    continue;
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(target: "audit", event = "node_tls_shed",
+                    "{MAX_HANDSHAKES} TLS handshakes in flight; dropped a new connection");
+                continue;
+            };
+            if config.is_none() || trust.has_changed().unwrap_or(false) {
+                let current = trust.borrow_and_update().clone();
+                match server_config(&current, cert.clone(), provider.clone()) {
+                    Ok(c) => config = Some(c),
+                    Err(e) => {
+                        tracing::error!("cannot build the control plane's TLS config: {e}");
+                    }
                 }
+            }
+            let Some(config) = config.clone() else {
+                continue;
             };
             let tx = tx.clone();
             let trust_domain = serving.trust_domain.clone();
             tokio::spawn(async move {
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let _permit = permit;
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -277,7 +298,10 @@ where
                             .duration_since(SystemTime::now())
                             .unwrap_or_default();
                         Box::pin(tokio::time::sleep(left))
-                    });
+                    })
+                    // A connection without a node certificate can only Join: one call, so
+                    // it gets a short life rather than an open-ended one.
+                    .or_else(|| Some(Box::pin(tokio::time::sleep(UNAUTHENTICATED_LIFETIME))));
                 let _ = tx
                     .send(Ok(NodeStream {
                         inner: tls,

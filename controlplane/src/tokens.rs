@@ -115,11 +115,17 @@ impl TokenStore {
                 source,
             })?
         };
+        let before = serde_json::to_vec_pretty(&entries).unwrap_or_default();
         let result = change(&mut entries);
         // Tokens dead for a day are forgotten.
         let horizon = now().saturating_sub(24 * 3600);
         entries.retain(|e| e.expires_at > horizon);
         let text = serde_json::to_vec_pretty(&entries).unwrap_or_default();
+        // Nothing changed (an unknown, used or expired token was presented): no write, no
+        // fsync. Join is the one call anyone can make; it must not cost the disk.
+        if text == before {
+            return result;
+        }
         file.set_len(0).map_err(|e| self.io(e))?;
         file.rewind().map_err(|e| self.io(e))?;
         file.write_all(&text).map_err(|e| self.io(e))?;

@@ -73,7 +73,7 @@ pub fn connect_lazy_tls(
         }
     };
     let target = std::sync::Arc::new(target);
-    let endpoint = Endpoint::from_static("http://[::1]:50051");
+    let endpoint = with_deadlines(Endpoint::from_static("http://[::1]:50051"));
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
             let target = target.clone();
@@ -101,6 +101,18 @@ pub fn connect_lazy_tls(
             }
         })),
     )
+}
+
+/// Bounds on a control-plane connection: connecting (TCP and TLS) takes at most 10 s, and a
+/// half-open connection is found by HTTP/2 PINGs (every 10 s, even with no call running;
+/// dead after 20 s without an answer) instead of hanging a discovery stream forever.
+/// Deadlines on single calls are set per call (`tonic::Request::set_timeout`).
+pub fn with_deadlines(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true)
 }
 
 /// A TLS stream over either transport.

@@ -650,3 +650,44 @@ fn two_add_pods_for_one_uid_never_both_enroll() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_mesh_larger_than_grpcs_default_message_is_applied() {
+    let lab = lab_with(&[]);
+    let _server = Server::start(&lab, "api", 8080);
+    // 60 000 more workloads elsewhere: a full state of ~5 MB, past tonic's 4 MiB default.
+    let mut registry = lab.topology.workloads_json();
+    let list = registry["workloads"].as_array_mut().expect("list");
+    for i in 0..60_000u32 {
+        list.push(json!({
+            "uid": format!("uid-bulk-{i}"), "namespace": "bulk", "name": format!("bulk-{i}"),
+            "service_account": "bulk", "node": "node-far",
+            "ips": [format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256)],
+            "labels": {"app": "bulk"},
+        }));
+    }
+    let bytes = serde_json::to_vec(&registry).expect("json").len();
+    assert!(bytes > 4 << 20, "the registry is only {bytes} bytes");
+    lab.write_workloads(&registry).expect("write registry");
+    for node in ["node-1", "node-2"] {
+        let applied = eventually(Duration::from_secs(60), || {
+            lab.agent_log(node)
+                .contains("applied control-plane update version=2 workloads=60002")
+                .then_some(())
+        });
+        assert!(
+            applied.is_some(),
+            "{node} did not apply the large update:\n{}",
+            meshlet_lab::lab::log_tail(&lab.topology.node(node).expect("node").agent_log, 10)
+        );
+    }
+    let (ok, _, err) = send(
+        &lab,
+        "web",
+        &addr(&lab, "api", 8080).to_string(),
+        1024,
+        None,
+        None,
+    );
+    assert!(ok, "web → api in the large mesh: {err}");
+}

@@ -129,7 +129,8 @@ async fn verify_chain(State(state): State<AdminState>, body: String) -> Response
 
 /// 200 when ready, 503 with the reasons otherwise.
 async fn ready(State(state): State<AdminState>) -> Response {
-    let readiness = views::readiness(state.agent.workloads.version(), &state.pods.list());
+    let pods = state.pods.list();
+    let readiness = views::readiness(&views::ReadinessInputs::of(&state.agent, &pods));
     let status = if readiness.ready {
         StatusCode::OK
     } else {

@@ -347,10 +347,51 @@ pub struct Readiness {
     pub reasons: Vec<String>,
 }
 
-pub fn readiness(version: u64, pods: &[PodSummary]) -> Readiness {
+/// What readiness is decided from.
+pub struct ReadinessInputs<'a> {
+    /// The control-plane version applied (0: none yet).
+    pub version: u64,
+    /// Why the control plane's last update could not be applied, if it could not.
+    pub control_plane_problem: Option<String>,
+    /// Workloads (uids) the control plane places on this node.
+    pub placed_here: Vec<String>,
+    /// The pods the agent has enrolled.
+    pub pods: &'a [PodSummary],
+}
+
+impl<'a> ReadinessInputs<'a> {
+    pub fn of(agent: &NodeAgent, pods: &'a [PodSummary]) -> Self {
+        Self {
+            version: agent.workloads.version(),
+            control_plane_problem: agent.workloads.problem(),
+            placed_here: agent
+                .workloads
+                .on_node(&agent.node)
+                .iter()
+                .map(|w| w.uid.clone())
+                .collect(),
+            pods,
+        }
+    }
+}
+
+pub fn readiness(inputs: &ReadinessInputs<'_>) -> Readiness {
+    let (version, pods) = (inputs.version, inputs.pods);
     let mut reasons = Vec::new();
     if version == 0 {
         reasons.push("no control-plane update applied yet".to_string());
+    }
+    if let Some(problem) = &inputs.control_plane_problem {
+        reasons.push(format!("control plane: {problem}"));
+    }
+    // A pod the node runs but the agent has not enrolled (after a restart, before the CNI
+    // side replays it) is refused by the pinned programs: the node cannot serve it.
+    for uid in &inputs.placed_here {
+        if !pods.iter().any(|p| &p.uid == uid) {
+            reasons.push(format!(
+                "pod {uid} runs on this node but is not enrolled (its traffic is refused until the CNI side announces it)"
+            ));
+        }
     }
     for pod in pods {
         match &pod.workload {
@@ -388,7 +429,7 @@ pub fn status(agent: &NodeAgent, pods: &[PodSummary]) -> StatusView {
     StatusView {
         node: agent.node.clone(),
         version: env!("CARGO_PKG_VERSION"),
-        ready: readiness(agent.workloads.version(), pods),
+        ready: readiness(&ReadinessInputs::of(agent, pods)),
         control_plane_version: agent.workloads.version(),
         pods: pods.len(),
         identities: agent.identities.list().len(),
@@ -439,13 +480,37 @@ mod tests {
 
     #[test]
     fn ready_only_after_the_first_update_and_with_every_certificate() {
-        let before = readiness(0, &[]);
+        let inputs = |version, pods: &'static [PodSummary]| ReadinessInputs {
+            version,
+            control_plane_problem: None,
+            placed_here: vec![],
+            pods,
+        };
+        let before = readiness(&inputs(0, &[]));
         assert!(!before.ready);
-        assert_eq!(before.reasons, ["no control-plane update applied yet"]);
-        assert!(readiness(1, &[]).ready);
-        assert!(!readiness(1, &[pod(None, false)]).ready);
-        assert!(!readiness(1, &[pod(Some("default/web"), false)]).ready);
-        assert!(readiness(1, &[pod(Some("default/web"), true)]).ready);
+        assert!(readiness(&inputs(1, &[])).ready);
+        let none: &'static [PodSummary] = Box::leak(Box::new([pod(None, false)]));
+        assert!(!readiness(&inputs(1, none)).ready);
+        let waiting: &'static [PodSummary] = Box::leak(Box::new([pod(Some("default/web"), false)]));
+        assert!(!readiness(&inputs(1, waiting)).ready);
+        let good: &'static [PodSummary] = Box::leak(Box::new([pod(Some("default/web"), true)]));
+        assert!(readiness(&inputs(1, good)).ready);
+        // A pod placed here that the agent has not enrolled (e.g. after a restart).
+        let mut missing = inputs(1, good);
+        missing.placed_here = vec![good[0].uid.clone(), "uid-other".into()];
+        let r = readiness(&missing);
+        assert!(
+            !r.ready && r.reasons.iter().any(|r| r.contains("uid-other")),
+            "{r:?}"
+        );
+        // An update the control plane sent but the agent could not take.
+        let mut refused = inputs(1, good);
+        refused.control_plane_problem = Some("update too large".into());
+        let r = readiness(&refused);
+        assert!(
+            !r.ready && r.reasons == ["control plane: update too large"],
+            "{r:?}"
+        );
     }
 }
 

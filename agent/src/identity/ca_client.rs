@@ -28,6 +28,9 @@ pub trait CaClient: Send + Sync + 'static {
     ) -> Result<Vec<String>, CaError>;
 }
 
+/// How long one certificate request may take, end to end.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The control plane's `CertificateService` over gRPC.
 pub struct GrpcCaClient {
     client: CertificateServiceClient<Channel>,
@@ -57,6 +60,10 @@ impl CaClient for GrpcCaClient {
             lifetime_seconds: lifetime.as_secs(),
             node: self.node.clone(),
         };
+        // A CA that hangs must not stall renewal: the call has a deadline, and a failure is
+        // retried with backoff.
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(CALL_DEADLINE);
         let response = self
             .client
             .clone()

@@ -4,6 +4,6 @@ mod ca_client;
 mod spiffe;
 mod store;
 
-pub use ca_client::{CaClient, CaError, GrpcCaClient};
+pub use ca_client::{CaClient, CaError, GrpcCaClient, CALL_DEADLINE};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{IdentityError, IdentityStore, WorkloadCertificate};
