@@ -29,7 +29,6 @@ use rustls::{
 use rustls_pki_types::{pem::PemObject, TrustAnchor};
 use tokio::sync::Notify;
 use tonic::transport::Channel;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::tls::TrustBundle;
 
@@ -199,21 +198,7 @@ impl ServerCertVerifier for ControlPlaneVerifier {
 }
 
 fn only_uri(der: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => Some(one.to_string()),
-        _ => None,
-    }
+    meshlet_spiffe::single_uri_san_of_der(der).ok()
 }
 
 fn read(what: &'static str, path: &Path) -> Result<String, ControlPlaneError> {
@@ -324,10 +309,7 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     fn expected_node_uri(settings: &ControlPlaneSettings) -> String {
-        format!(
-            "spiffe://{}/meshlet/node/{}",
-            settings.trust_domain, settings.node
-        )
+        meshlet_spiffe::node_id(&settings.trust_domain, &settings.node)
     }
 
     /// Sets up the link without waiting: a valid node certificate on disk is used at once;
@@ -343,7 +325,7 @@ impl ControlPlane {
             provider: provider.clone(),
             bootstrap: bootstrap_roots(&settings.roots_file)?,
             bundle,
-            expected: format!("spiffe://{}/meshlet/controlplane", settings.trust_domain),
+            expected: meshlet_spiffe::control_plane_id(&settings.trust_domain),
         });
         let uri = Self::expected_node_uri(&settings);
         let stored = load_stored(&settings.identity_dir)

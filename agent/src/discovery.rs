@@ -40,6 +40,8 @@ pub enum DiscoveryError {
         first: String,
         second: String,
     },
+    #[error("workload {workload}: probe port {port} is not a port a kubelet probe can use (1-65535, not one of the agent's own ports); fix its probe_ports")]
+    BadProbePort { workload: String, port: u32 },
     #[error("uid {0} appears twice")]
     DuplicateUid(String),
     #[error("trust bundle refused: {0}")]
@@ -60,6 +62,9 @@ pub struct WorkloadInfo {
     pub node: String,
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// Ports the kubelet probes: the only ones a `--capture-exempt-source` address reaches
+    /// without capture.
+    pub probe_ports: Vec<u16>,
     /// The identity this workload presents.
     #[serde(serialize_with = "crate::discovery::display")]
     pub identity: SpiffeId,
@@ -251,6 +256,18 @@ fn validate(update: &DiscoveryResponse) -> Result<Snapshot, DiscoveryError> {
                 uid: w.uid.clone(),
                 source,
             })?;
+        let mut probe_ports = Vec::with_capacity(w.probe_ports.len());
+        for port in &w.probe_ports {
+            match u16::try_from(*port) {
+                Ok(p) if p != 0 && !meshlet_common::AGENT_PORTS.contains(&p) => probe_ports.push(p),
+                _ => {
+                    return Err(DiscoveryError::BadProbePort {
+                        workload: workload.clone(),
+                        port: *port,
+                    })
+                }
+            }
+        }
         let mut ips = Vec::with_capacity(w.ips.len());
         for ip in &w.ips {
             ips.push(ip.parse::<IpAddr>().map_err(|_| DiscoveryError::BadIp {
@@ -267,6 +284,7 @@ fn validate(update: &DiscoveryResponse) -> Result<Snapshot, DiscoveryError> {
             node: w.node.clone(),
             ips,
             labels: w.labels.clone().into_iter().collect(),
+            probe_ports,
             identity,
         });
         for ip in &info.ips {
@@ -416,6 +434,7 @@ mod tests {
             node: "node-1".into(),
             ips: vec![ip.into()],
             labels: Default::default(),
+            probe_ports: vec![],
         }
     }
 

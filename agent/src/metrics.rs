@@ -376,6 +376,16 @@ impl Metrics {
                 ),
                 ("inbound_dropped", now.inbound_dropped, seen.inbound_dropped),
                 ("bind_refused", now.bind_refused, seen.bind_refused),
+                (
+                    "original_dst_lost",
+                    now.original_dst_lost,
+                    seen.original_dst_lost,
+                ),
+                (
+                    "inbound_unknown_address",
+                    now.inbound_unknown_address,
+                    seen.inbound_unknown_address,
+                ),
             ] {
                 // The maps are pinned and may predate this agent: count from what it first saw.
                 self.redirect_events

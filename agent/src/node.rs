@@ -37,4 +37,6 @@ pub struct NodeAgent {
     pub limits: TunnelLimits,
     /// Caps on the connections peers hold open to this node's pods (tunnel and plaintext).
     pub inbound_connections: Arc<ConnectionLimiter>,
+    /// Node addresses kubelet probes come from (`--capture-exempt-source`).
+    pub capture_exempt_sources: Vec<std::net::IpAddr>,
 }

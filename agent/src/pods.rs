@@ -97,6 +97,8 @@ struct Pod {
     /// Inbound capture as last set, and the workload-wide mode it follows from.
     captured: bool,
     mode: Option<String>,
+    /// Kubelet probes let past capture: (exempt source, pod address, probe port).
+    exempted: Vec<(IpAddr, IpAddr, u16)>,
 }
 
 /// A pod as listed by the node API.
@@ -284,6 +286,7 @@ impl PodRegistry {
                 identity: None,
                 captured: true,
                 mode: None,
+                exempted: Vec::new(),
             },
         );
         self.reconcile();
@@ -306,6 +309,7 @@ impl PodRegistry {
             .map(|w| w.ips.clone())
             .unwrap_or_default();
         self.release_capture(&pod.handle, &described);
+        self.set_exemptions(&pod.handle.uid, &pod.exempted, &[]);
         pod.tasks.iter().for_each(JoinHandle::abort);
         if let Some(identity) = &pod.identity {
             self.agent.identities.release(identity);
@@ -390,12 +394,37 @@ impl PodRegistry {
         Ok(())
     }
 
+    /// Moves a pod's kubelet-probe exemptions from `old` to `new`.
+    fn set_exemptions(
+        &self,
+        uid: &str,
+        old: &[(IpAddr, IpAddr, u16)],
+        new: &[(IpAddr, IpAddr, u16)],
+    ) {
+        let redirect = &self.agent.redirect;
+        for (source, ip, port) in old.iter().filter(|e| !new.contains(e)) {
+            if let Err(e) = redirect.set_probe_exemption(*source, *ip, *port, false) {
+                tracing::warn!(pod = %uid, %source, %ip, port, "cannot remove a probe exemption: {e}");
+            }
+        }
+        for (source, ip, port) in new.iter().filter(|e| !old.contains(e)) {
+            match redirect.set_probe_exemption(*source, *ip, *port, true) {
+                Ok(()) => tracing::info!(target: "audit", event = "probe_exempted", pod = %uid,
+                    %source, dst = %SocketAddr::new(*ip, *port),
+                    "kubelet probes from this address reach this port without capture"),
+                Err(e) => {
+                    tracing::warn!(pod = %uid, %source, %ip, port, "cannot exempt a probe port: {e}")
+                }
+            }
+        }
+    }
+
     /// Undoes [`Self::capture_inbound`] for a pod that leaves.
     fn release_capture(&self, pod: &PodHandle, described: &[IpAddr]) {
         let redirect = &self.agent.redirect;
         redirect.detach_capture(pod.netns_cookie);
         for ip in pod.addresses.iter().chain(described) {
-            if let Err(e) = redirect.set_captured(*ip, false) {
+            if let Err(e) = redirect.forget_address(*ip) {
                 tracing::warn!(pod = %pod.uid, %ip, "cannot clear inbound capture: {e}");
             }
         }
@@ -435,6 +464,26 @@ impl PodRegistry {
                             "cannot change inbound capture to {captured}: {e}"),
                     }
                 }
+            }
+            // Kubelet probes: from each exempt node address to each of the pod's addresses, on
+            // the probe ports the control plane names; nothing else.
+            let mut exempted = Vec::new();
+            if let Some(w) = &workload {
+                let mut ips: Vec<IpAddr> =
+                    pod.handle.addresses.iter().chain(&w.ips).copied().collect();
+                ips.sort();
+                ips.dedup();
+                for source in &self.agent.capture_exempt_sources {
+                    for ip in ips.iter().filter(|ip| ip.is_ipv4() == source.is_ipv4()) {
+                        for port in &w.probe_ports {
+                            exempted.push((*source, *ip, *port));
+                        }
+                    }
+                }
+            }
+            if exempted != pod.exempted {
+                self.set_exemptions(&pod.handle.uid, &pod.exempted, &exempted);
+                pod.exempted = exempted;
             }
             let wanted = workload.map(|w| w.identity.clone());
             if wanted == pod.identity {

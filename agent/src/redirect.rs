@@ -15,7 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use meshlet_common::{
-    stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, OriginalDst,
+    stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, ExemptKey, OriginalDst,
+    CAPTURE, CAPTURE_PASS,
 };
 
 /// The eBPF object, built by `build.rs` from `ebpf/programs`.
@@ -81,7 +82,7 @@ pub struct Redirect {
     original_dst: Mutex<HashMap<MapData, ConnectionKey, OriginalDst>>,
     capture: Mutex<HashMap<MapData, [u32; 4], CaptureFlags>>,
     listeners: Mutex<SockHash<MapData, [u32; 4]>>,
-    exempt: Mutex<HashMap<MapData, [u32; 4], u32>>,
+    exempt: Mutex<HashMap<MapData, ExemptKey, u32>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -114,19 +115,30 @@ pub struct RedirectStats {
     pub inbound_captured: u64,
     pub inbound_dropped: u64,
     pub bind_refused: u64,
+    pub original_dst_lost: u64,
+    pub inbound_unknown_address: u64,
 }
 
 impl Redirect {
     /// Loads the programs, pins maps and links under `pin_dir`, and attaches to `cgroup`
     /// (this node's pod cgroup subtree; never the root, so that nodes sharing a kernel in the
     /// lab stay apart).
-    pub fn attach(cgroup: &Path, pin_dir: &Path) -> Result<Self, RedirectError> {
+    ///
+    /// `max_connections` sizes the original-destination maps: redirected connections the node
+    /// can have open at once (past it, new connects are refused and counted).
+    pub fn attach(
+        cgroup: &Path,
+        pin_dir: &Path,
+        max_connections: u32,
+    ) -> Result<Self, RedirectError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| RedirectError::PinDir {
             path: pin_dir.to_path_buf(),
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_max_entries("ORIG_DST_BY_COOKIE_V2", max_connections)
+            .map_max_entries("ORIG_DST_BY_CONN_V2", max_connections)
             .load(PROGRAMS)?;
         start_kernel_log(&mut ebpf);
         // Before anything is attached: the programs know the agent by its cgroup.
@@ -194,15 +206,10 @@ impl Redirect {
                 .map_err(|source| RedirectError::Pin { path, source })?;
         }
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
-        let original_dst = take_map(&mut ebpf, "ORIG_DST_BY_CONN")?;
+        let original_dst = take_map(&mut ebpf, "ORIG_DST_BY_CONN_V2")?;
         let capture = take_map(&mut ebpf, "INBOUND_CAPTURE")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
-        let mut exempt: HashMap<MapData, [u32; 4], u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT")?;
-        // The exemptions are this agent's settings, not a previous agent's.
-        let stale: Vec<[u32; 4]> = exempt.keys().filter_map(Result::ok).collect();
-        for key in stale {
-            let _ = exempt.remove(&key);
-        }
+        let exempt: HashMap<MapData, ExemptKey, u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT_V2")?;
         let deliveries = take_map(&mut ebpf, "DELIVERIES")?;
         let stats = take_map(&mut ebpf, "STATS")?;
         tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
@@ -266,30 +273,60 @@ impl Redirect {
     }
 
     /// Captures (or stops capturing) inbound connections to the pod address `ip`.
+    ///
+    /// An address the map does not hold is one the agent does not know (added to the pod
+    /// after enrollment, link-local): the capture program drops connections to it, so a
+    /// released address is forgotten with [`Self::forget_address`], never left out.
     pub fn set_captured(&self, ip: IpAddr, captured: bool) -> Result<(), RedirectError> {
         let mut map = self.capture.lock().unwrap_or_else(|e| e.into_inner());
-        let result = if captured {
-            map.insert(ip_key(ip), 0, 0)
+        let flags = if captured { CAPTURE } else { CAPTURE_PASS };
+        map.insert(ip_key(ip), flags, 0)
+            .map_err(|source| RedirectError::Map {
+                name: "INBOUND_CAPTURE",
+                source,
+            })
+    }
+
+    /// Forgets a pod address (the pod left).
+    pub fn forget_address(&self, ip: IpAddr) -> Result<(), RedirectError> {
+        let mut map = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        match map.remove(&ip_key(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(RedirectError::Map {
+                name: "INBOUND_CAPTURE",
+                source,
+            }),
+        }
+    }
+
+    /// Lets connections from `source` to `destination:port` (a kubelet probe) past inbound
+    /// capture, or stops letting them (`allowed` false).
+    pub fn set_probe_exemption(
+        &self,
+        source: IpAddr,
+        destination: IpAddr,
+        port: u16,
+        allowed: bool,
+    ) -> Result<(), RedirectError> {
+        let key = ExemptKey {
+            source: ip_key(source),
+            destination: ip_key(destination),
+            port,
+            _pad: 0,
+        };
+        let mut map = self.exempt.lock().unwrap_or_else(|e| e.into_inner());
+        let result = if allowed {
+            map.insert(key, 0, 0)
         } else {
-            match map.remove(&ip_key(ip)) {
+            match map.remove(&key) {
                 Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 other => other,
             }
         };
         result.map_err(|source| RedirectError::Map {
-            name: "INBOUND_CAPTURE",
+            name: "CAPTURE_EXEMPT_V2",
             source,
         })
-    }
-
-    /// Never captures connections from `ip` (e.g. the node's address, for kubelet probes).
-    pub fn exempt_source(&self, ip: IpAddr) -> Result<(), RedirectError> {
-        let mut map = self.exempt.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(ip_key(ip), 0, 0)
-            .map_err(|source| RedirectError::Map {
-                name: "CAPTURE_EXEMPT",
-                source,
-            })
     }
 
     /// Lets the agent's delivery `from` → `to` (inside the pod) past inbound capture until
@@ -333,6 +370,8 @@ impl Redirect {
             inbound_captured: read(stats::INBOUND_CAPTURED),
             inbound_dropped: read(stats::INBOUND_DROPPED),
             bind_refused: read(stats::BIND_REFUSED),
+            original_dst_lost: read(stats::ORIGINAL_DST_LOST),
+            inbound_unknown_address: read(stats::INBOUND_UNKNOWN_ADDRESS),
         }
     }
 

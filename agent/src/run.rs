@@ -93,11 +93,18 @@ pub struct AgentConfig {
     /// Default: 3/8 of the open-files limit (the agent raises it to the hard limit at start).
     #[arg(long)]
     pub max_inbound_connections: Option<usize>,
+    /// Redirected (outbound) connections the node's pods may have open at once: the size of
+    /// the kernel's original-destination maps. Past it, new connects are refused and counted
+    /// (`refused_no_space`); no pod's entries are ever evicted by another's.
+    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(16..))]
+    pub max_redirected_connections: u32,
     /// Connections to addresses that are no known workload.
     #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
     pub unknown_destination: UnknownDestination,
-    /// Source addresses whose connections to pods are never captured inbound (the node's own
-    /// address, so that kubelet probes reach STRICT pods). Repeatable.
+    /// Addresses of this node that kubelet probes come from: connections from them reach a
+    /// local pod's probe ports (from the control plane) without capture, so that probes work
+    /// on STRICT pods. Only those ports: any other connection from these addresses is captured
+    /// like any other. Repeatable.
     #[arg(long = "capture-exempt-source", value_name = "IP")]
     pub capture_exempt_sources: Vec<std::net::IpAddr>,
     /// Also accept TLS 1.2 on tunnels (ECDHE with AEAD suites only), for peers that cannot
@@ -149,14 +156,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "open-files limit and inbound connection caps"
     );
     let redirect = Arc::new(
-        Redirect::attach(&config.pod_cgroup, &config.bpf_pin_dir)
-            .context("attaching the eBPF redirect")?,
+        Redirect::attach(
+            &config.pod_cgroup,
+            &config.bpf_pin_dir,
+            config.max_redirected_connections,
+        )
+        .context("attaching the eBPF redirect")?,
     );
     for ip in &config.capture_exempt_sources {
-        redirect
-            .exempt_source(*ip)
-            .with_context(|| format!("exempting {ip} from inbound capture"))?;
-        tracing::info!(%ip, "connections from this address are not captured inbound");
+        tracing::info!(%ip, "kubelet probes from this address reach their pods' probe ports without capture (nothing else from it does)");
     }
     let tls_settings = Arc::new(tls::TlsSettings::new(config.allow_tls12));
     if config.allow_tls12 {
@@ -203,6 +211,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),
         limits: config.tunnel_limits(),
+        capture_exempt_sources: config.capture_exempt_sources.clone(),
         inbound_connections: limits::ConnectionLimiter::new(per_source, inbound_cap),
     });
     // Idle tunnel connections go (a burst's extra ones, those to pods that left).

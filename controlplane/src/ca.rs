@@ -29,23 +29,9 @@ pub enum CaError {
 
 /// Namespace and service account named by a workload SPIFFE ID of our trust domain.
 pub fn parse_identity(trust_domain: &str, identity: &str) -> Option<(String, String)> {
-    let rest = identity.strip_prefix("spiffe://")?;
-    let rest = rest.strip_prefix(trust_domain)?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    match parts.as_slice() {
-        ["", "ns", ns, "sa", sa] if valid_segment(ns) && valid_segment(sa) => {
-            Some((ns.to_string(), sa.to_string()))
-        }
-        _ => None,
-    }
-}
-
-fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    let id = meshlet_spiffe::SpiffeId::parse(identity).ok()?;
+    id.is_in(trust_domain)
+        .then(|| (id.namespace().to_string(), id.service_account().to_string()))
 }
 
 /// Signs workload certificates with the current signer (swapped in place when the operator's
@@ -155,12 +141,12 @@ impl CertificateAuthority {
     /// The identity of a node's own certificate (not a workload ID: it cannot pass a tunnel's
     /// verifier, and a workload certificate cannot pass as a node).
     pub fn node_identity(&self, node: &str) -> String {
-        format!("spiffe://{}/meshlet/node/{node}", self.trust_domain)
+        meshlet_spiffe::node_id(&self.trust_domain, node)
     }
 
     /// The identity in the control plane's serving certificate.
     pub fn controlplane_identity(&self) -> String {
-        format!("spiffe://{}/meshlet/controlplane", self.trust_domain)
+        meshlet_spiffe::control_plane_id(&self.trust_domain)
     }
 
     /// A node certificate for `node` from the CSR's public key.

@@ -165,22 +165,8 @@ impl ResolvesServerCert for ServingCert {
 
 /// The node a verified client certificate names, if it names one.
 fn node_named_by(leaf: &CertificateDer<'_>, trust_domain: &str) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    let [uri] = uris.as_slice() else { return None };
-    let node = uri
-        .strip_prefix("spiffe://")?
-        .strip_prefix(trust_domain)?
-        .strip_prefix("/meshlet/node/")?;
+    let uri = meshlet_spiffe::single_uri_san_of_der(leaf).ok()?;
+    let node = meshlet_spiffe::node_of(&uri, trust_domain)?;
     crate::tokens::valid_node_name(node).then(|| node.to_string())
 }
 

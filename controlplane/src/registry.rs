@@ -40,6 +40,10 @@ pub struct WorkloadEntry {
     pub ips: Vec<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Ports the kubelet probes (the only ones a node's exempt address may reach in
+    /// plaintext).
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 /// The registry file.
@@ -100,6 +104,7 @@ fn load(path: &PathBuf, version: u64) -> Result<Snapshot, RegistryError> {
             node: w.node,
             ips: w.ips,
             labels: w.labels.into_iter().collect(),
+            probe_ports: w.probe_ports.into_iter().map(u32::from).collect(),
         })
         .collect();
     Ok(Snapshot {

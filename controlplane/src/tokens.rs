@@ -66,11 +66,7 @@ fn digest(token: &str) -> String {
 
 /// Node names are DNS labels, as in Kubernetes.
 pub fn valid_node_name(node: &str) -> bool {
-    !node.is_empty()
-        && node.len() <= 253
-        && node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    node.len() <= 253 && meshlet_spiffe::segment_ok(node)
 }
 
 impl TokenStore {

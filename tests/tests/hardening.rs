@@ -691,3 +691,192 @@ fn a_mesh_larger_than_grpcs_default_message_is_applied() {
     );
     assert!(ok, "web → api in the large mesh: {err}");
 }
+
+/// Runs `ip -n NETNS ARGS…`.
+fn ip(netns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns])
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip -n {netns} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Tries a plaintext connection from `netns` to `to`; true when it was established.
+fn plaintext_connects(netns: &str, to: SocketAddr) -> bool {
+    meshlet_lab::netns::run_in(netns, move || {
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok())
+    })
+    .expect("client")
+}
+
+#[test]
+fn plaintext_never_reaches_a_strict_app_at_an_address_the_agent_was_not_told_of() {
+    let lab = lab_with(&[]);
+    let api = lab.topology.pod("api").expect("api").clone();
+    let node2 = lab.topology.node("node-2").expect("node-2").clone();
+    // An app on [::]:8080, in a STRICT pod (the mesh default).
+    let mut child = lab
+        .command_in("api", common::PROBE)
+        .expect("command")
+        .env("PROBE_LISTEN", "::")
+        .args(["serve", "8080", "10", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("server");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("server line");
+    assert!(first.starts_with("LISTENING"), "{first}");
+    let before = metrics(&lab, "node-2");
+
+    // A ULA address added to the pod after it was enrolled, routed from its node.
+    ip(
+        &api.netns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "fd00:beef::2/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let node_if = format!("ml-{}", api.name);
+    ip(
+        &node2.netns,
+        &["-6", "route", "add", "fd00:beef::2/128", "dev", &node_if],
+    );
+    let ula: SocketAddr = "[fd00:beef::2]:8080".parse().expect("addr");
+    let reached_ula = plaintext_connects(&node2.netns, ula);
+
+    // The pod's link-local address, from the other end of its veth.
+    let link_local = eventually(Duration::from_secs(5), || {
+        let text = ip(
+            &api.netns,
+            &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+        );
+        (!text.contains("tentative"))
+            .then(|| {
+                text.split_whitespace()
+                    .find(|w| w.starts_with("fe80:"))
+                    .and_then(|w| w.split('/').next())
+                    .map(str::to_string)
+            })
+            .flatten()
+    })
+    .expect("api has a link-local address");
+    let index: u32 = std::fs::read_to_string(format!("/sys/class/net/{node_if}/ifindex"))
+        .ok()
+        .or_else(|| {
+            let out = ip(&node2.netns, &["-o", "link", "show", "dev", &node_if]);
+            out.split(':').next().map(|s| s.trim().to_string())
+        })
+        .and_then(|s| s.trim().parse().ok())
+        .expect("ifindex of the node side of api's veth");
+    let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+        link_local.parse().expect("fe80 address"),
+        8080,
+        0,
+        index,
+    ));
+    let reached_link_local = plaintext_connects(&node2.netns, scoped);
+
+    // Control: the same app does answer in its own pod, over IPv6 loopback.
+    let reached_loopback = plaintext_connects(&api.netns, "[::1]:8080".parse().expect("addr"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !reached_ula,
+        "plaintext reached a STRICT app at an address added after enrollment"
+    );
+    assert!(
+        !reached_link_local,
+        "plaintext reached a STRICT app at its link-local address"
+    );
+    assert!(
+        reached_loopback,
+        "the pod's own loopback traffic was dropped"
+    );
+    let after = metrics(&lab, "node-2");
+    let dropped = |m: &str| {
+        sample(
+            m,
+            "meshlet_redirect_events_total",
+            &["event=\"inbound_unknown_address\""],
+        )
+    };
+    assert!(
+        dropped(&after) - dropped(&before) >= 2.0,
+        "the drops were not counted"
+    );
+}
+
+#[test]
+fn one_pods_connections_never_evict_anothers_and_a_full_map_refuses_loudly() {
+    let lab = lab_with(&["--max-redirected-connections=64"]);
+    // api keeps whatever it accepts open.
+    let mut holder_server = lab
+        .command_in("api", common::PROBE)
+        .expect("command")
+        .args(["hold-server", "8080", "200", "60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hold-server");
+    let mut stdout = std::io::BufReader::new(holder_server.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("server line");
+    assert!(first.starts_with("LISTENING"), "{first}");
+    let _echo = Server::start(&lab, "api", 9090);
+    let api = addr(&lab, "api", 8080).to_string();
+    let echo = addr(&lab, "api", 9090).to_string();
+    let refused = |lab: &Lab| {
+        common::sample(
+            &metrics(lab, "node-1"),
+            "meshlet_redirect_events_total",
+            &["event=\"refused_no_space\""],
+        )
+    };
+    let refused_before = refused(&lab);
+    // web fills the node's map with 64 idle connections...
+    let mut holder = lab
+        .command_in("web", common::PROBE)
+        .expect("command")
+        .args(["hold", &api, "64", "30"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hold");
+    let mut held = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut held,
+    )
+    .expect("hold line");
+    assert_eq!(held.trim(), "HELD 64");
+    // ...so the next connect is refused at once and counted (an LRU would have evicted one
+    // of the held connections' entries instead, silently).
+    let (ok, _, _) = send(&lab, "web", &echo, 64, None, None);
+    assert!(!ok, "a connect past the map's size was not refused");
+    assert!(
+        refused(&lab) > refused_before,
+        "the refusal was not counted"
+    );
+    // When the held connections close, their entries go with them: connections work again.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let back = eventually(Duration::from_secs(10), || {
+        send(&lab, "web", &echo, 64, None, None).0.then_some(())
+    });
+    let _ = holder_server.kill();
+    let _ = holder_server.wait();
+    assert!(
+        back.is_some(),
+        "closed connections left their entries behind: connects stay refused"
+    );
+}

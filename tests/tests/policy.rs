@@ -417,19 +417,41 @@ fn the_node_address_can_be_exempted_from_capture_for_kubelet_probes() {
     options.agent_args = vec!["--capture-exempt-source".into(), "10.244.2.1".into()];
     let lab = Lab::up(&pods(), &options).expect("lab up");
     let server = Server::start(&lab, "api", 8080);
-    let probe = |node: &str| {
+    let other = Server::start(&lab, "api", 9090);
+    // The control plane says api's kubelet probes use port 8080.
+    let mut registry = lab.topology.workloads_json();
+    for w in registry["workloads"].as_array_mut().expect("list") {
+        if w["name"] == "api" {
+            w["probe_ports"] = serde_json::json!([8080]);
+        }
+    }
+    lab.write_workloads(&registry).expect("write registry");
+    common::wait_version(&lab, 2, false);
+    let probe = |node: &str, port: u16| {
         lab.command_in(node, PROBE)
             .expect("command")
-            .args(["send", &api_addr(&lab, 8080), "64"])
+            .args(["send", &api_addr(&lab, port), "64"])
             .output()
             .expect("probe")
             .status
             .success()
     };
-    assert!(probe("node-2"), "the exempted node address was captured");
+    assert!(
+        probe("node-2", 8080),
+        "a probe from the exempted node address was captured"
+    );
     assert_eq!(server.accepted(Duration::from_millis(300)).len(), 1);
+    // Only the probe port: the same address is captured (and refused) on any other port.
+    assert!(
+        !probe("node-2", 9090),
+        "the exempted address reached a port that is no probe port"
+    );
+    app_saw_nothing(&other, "a non-probe port from the exempted address");
     // Everything else stays captured: node-1's address and pods outside the mesh.
-    assert!(!probe("node-1"), "a non-exempt node reached a STRICT pod");
+    assert!(
+        !probe("node-1", 8080),
+        "a non-exempt node reached a STRICT pod"
+    );
     assert!(!reaches(&lab, "legacy", 8080));
     app_saw_nothing(&server, "non-exempt sources");
 }

@@ -1,9 +1,8 @@
 //! Workload identity: SPIFFE IDs, the CA client, and the store of certificates per service
 //! account.
 mod ca_client;
-mod spiffe;
 mod store;
 
 pub use ca_client::{CaClient, CaError, GrpcCaClient, CALL_DEADLINE};
-pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use meshlet_spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{IdentityError, IdentityStore, WorkloadCertificate};

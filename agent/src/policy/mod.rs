@@ -252,6 +252,7 @@ pub(crate) mod test_support {
             node: "node-1".into(),
             ips: vec![ip.parse().expect("ip")],
             labels: [("app".to_string(), name.to_string())].into(),
+            probe_ports: vec![],
             identity: SpiffeId::new("cluster.local", namespace, sa).expect("id"),
         }
     }

@@ -23,7 +23,7 @@ use x509_parser::{
         OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
         OID_SIG_ED25519,
     },
-    prelude::{FromDer, GeneralName, X509Certificate},
+    prelude::{FromDer, X509Certificate},
     public_key::PublicKey,
 };
 
@@ -145,24 +145,8 @@ impl Rejection {
 
 /// The one URI SAN of a certificate, parsed as a workload SPIFFE ID.
 pub fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, Rejection> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| Rejection::San(format!("unreadable extension: {e}")))?
-        .ok_or_else(|| Rejection::San("none".into()))?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [one] => SpiffeId::parse(one).map_err(|e| Rejection::SpiffeId(e.to_string())),
-        [] => Err(Rejection::San("no URI SAN".into())),
-        many => Err(Rejection::San(format!("{} URI SANs", many.len()))),
-    }
+    let uri = meshlet_spiffe::single_uri_san(cert).map_err(|e| Rejection::San(e.to_string()))?;
+    SpiffeId::parse(uri).map_err(|e| Rejection::SpiffeId(e.to_string()))
 }
 
 fn describe(index: usize) -> String {

@@ -70,9 +70,15 @@ impl ConnectionKey {
 /// Value in the enrollment map (keyed by netns cookie). Non-zero flags are reserved.
 pub type EnrollmentFlags = u32;
 
-/// Value in the inbound capture map (keyed by a pod address, IPv4-mapped for IPv4): the pod's
-/// inbound TCP goes to the agent. Non-zero flags are reserved.
+/// Value in the inbound capture map (keyed by a pod address, IPv4-mapped for IPv4): whether
+/// the pod's inbound TCP to that address goes to the agent (`CAPTURE`) or straight to the app
+/// (`CAPTURE_PASS`, a DISABLE pod). An address of an enrolled pod that the map does not hold
+/// is unknown to the agent, and connections to it are dropped (fail closed).
 pub type CaptureFlags = u32;
+/// See [`CaptureFlags`].
+pub const CAPTURE: CaptureFlags = 1;
+/// See [`CaptureFlags`].
+pub const CAPTURE_PASS: CaptureFlags = 0;
 
 /// A connection the agent itself is making to an app inside a pod (a delivery), which inbound
 /// capture must let through. Seen from the pod: the app's address and port are local, the
@@ -88,6 +94,20 @@ pub struct DeliveryKey {
     pub local_port: u16,
     /// Host byte order.
     pub remote_port: u16,
+}
+
+/// A kubelet probe's way past inbound capture: connections from `source` (a node address the
+/// operator exempted) to `destination:port` (a pod address and one of its probe ports, from
+/// the control plane). Nothing else from that source is let through: not other ports, not
+/// other pods' ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExemptKey {
+    pub source: [u32; 4],
+    pub destination: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Indexes of the per-CPU redirect counters in the `STATS` map.
@@ -109,8 +129,14 @@ pub mod stats {
     pub const INBOUND_DROPPED: u32 = 6;
     /// A pod's bind() to one of the agent's ports was refused.
     pub const BIND_REFUSED: u32 = 7;
+    /// An established redirected connection's original destination could not be filed for
+    /// the agent (map full); the agent refuses it.
+    pub const ORIGINAL_DST_LOST: u32 = 8;
+    /// An inbound connection from outside a captured pod to an address the agent does not
+    /// know (added after enrollment, link-local) was dropped (fail closed).
+    pub const INBOUND_UNKNOWN_ADDRESS: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 }
 
 /// Builds the IPv4-mapped form of an IPv4 address given in network byte order.
@@ -126,4 +152,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnectionKey {}
     // SAFETY: as above (36 bytes, no padding).
     unsafe impl aya::Pod for super::DeliveryKey {}
+    // SAFETY: as above (36 bytes, explicit padding).
+    unsafe impl aya::Pod for super::ExemptKey {}
 }

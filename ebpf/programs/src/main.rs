@@ -12,7 +12,7 @@
 //!    entry exists before the agent can accept: no race.
 //! 3. `getpeername4/6`: the app sees the peer it dialled, not the agent.
 //! 4. `sock_ops` at close: both entries go, so the maps do not fill with dead connections
-//!    (they are LRU maps as well, as a bound).
+//!    (state callbacks are asked for at the connect, so failed connects are cleaned up too).
 //!
 //! Inbound, `inbound_capture` (sk_lookup, attached to each enrolled pod's netns) hands every
 //! TCP connection that arrives from outside the pod for an app port to the agent's listener on
@@ -25,21 +25,21 @@
 mod programs {
     use aya_ebpf::{
         bindings::{
-            bpf_sock_addr, sockaddr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-            BPF_SOCK_OPS_STATE_CB_FLAG,
+            bpf_sock_addr, sockaddr, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         },
         helpers::{
             bpf_bind, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
         macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-        maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+        maps::{Array, HashMap, PerCpuArray, SockHash},
         programs::{SkLookupContext, SockAddrContext, SockOpsContext},
         EbpfContext,
     };
     use aya_log_ebpf::{debug, warn};
     use meshlet_common::{
-        ipv4_mapped, stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, OriginalDst,
-        AGENT_PORTS, OUTBOUND_PORT,
+        ipv4_mapped, stats, CaptureFlags, ConnectionKey, DeliveryKey, EnrollmentFlags, ExemptKey,
+        OriginalDst, AGENT_PORTS, CAPTURE, OUTBOUND_PORT,
     };
 
     const IPPROTO_TCP: u32 = 6;
@@ -55,13 +55,22 @@ mod programs {
     #[map(name = "ENROLLED")]
     static ENROLLED: HashMap<u64, EnrollmentFlags> = HashMap::pinned(16_384, 0);
 
-    /// Original destination by socket cookie, for sock_ops and getpeername.
-    #[map(name = "ORIG_DST_BY_COOKIE")]
-    static ORIG_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(65_536, 0);
+    /// Original destination by socket cookie, for sock_ops and getpeername. A plain hash, not
+    /// an LRU: under an LRU one pod's churn evicted other pods' entries, and their connections
+    /// were refused or lost their peer name. Entries go when their socket closes (sock_ops
+    /// asks for state callbacks from the connect on); when the map is full, new connects are
+    /// refused and counted (fail closed). Sized for the node by the agent
+    /// (`--max-redirected-connections`); not preallocated.
+    #[map(name = "ORIG_DST_BY_COOKIE_V2")]
+    static ORIG_DST_BY_COOKIE: HashMap<u64, OriginalDst> =
+        HashMap::pinned(262_144, BPF_F_NO_PREALLOC);
 
-    /// Original destination by connection key, for the agent.
-    #[map(name = "ORIG_DST_BY_CONN")]
-    static ORIG_DST_BY_CONN: LruHashMap<ConnectionKey, OriginalDst> = LruHashMap::pinned(65_536, 0);
+    /// Original destination by connection key, for the agent (which takes the entry when it
+    /// accepts the connection). A failed insert is counted; the agent then refuses the
+    /// connection.
+    #[map(name = "ORIG_DST_BY_CONN_V2")]
+    static ORIG_DST_BY_CONN: HashMap<ConnectionKey, OriginalDst> =
+        HashMap::pinned(262_144, BPF_F_NO_PREALLOC);
 
     /// Pod addresses whose inbound TCP the agent takes (IPv4-mapped for IPv4).
     #[map(name = "INBOUND_CAPTURE")]
@@ -73,9 +82,10 @@ mod programs {
     #[map(name = "INBOUND_LISTENERS")]
     static INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::with_max_entries(16_384, 0);
 
-    /// Source addresses whose connections are never captured (kubelet probes from the node).
-    #[map(name = "CAPTURE_EXEMPT")]
-    static CAPTURE_EXEMPT: HashMap<[u32; 4], u32> = HashMap::pinned(256, 0);
+    /// Kubelet probes let past capture: (exempt node address, pod address, probe port). Not
+    /// pinned: they are the running agent's settings.
+    #[map(name = "CAPTURE_EXEMPT_V2")]
+    static CAPTURE_EXEMPT: HashMap<ExemptKey, u32> = HashMap::with_max_entries(65_536, 0);
 
     /// The agent's deliveries in progress (see `DeliveryKey`); not pinned, they are the
     /// running agent's own.
@@ -304,7 +314,10 @@ mod programs {
     #[sock_ops]
     pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         let op = ctx.op();
-        if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+            && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            && op != BPF_SOCK_OPS_STATE_CB
+        {
             return 1;
         }
         // SAFETY: helper call on the program's own context.
@@ -313,12 +326,24 @@ mod programs {
         let Some(original) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
             return 1;
         };
+        if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+            // Ask for state callbacks from the SYN on, so that the entries go when the socket
+            // closes, also when the connect never completes.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            return 1;
+        }
         let key = connection_key(&ctx, original.netns_cookie);
         if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
             if ORIG_DST_BY_CONN.insert(&key, &original, 0).is_ok() {
                 count(stats::ORIGINAL_DST_RECORDED);
+            } else {
+                // The agent will find no destination and refuse the connection: say so.
+                count(stats::ORIGINAL_DST_LOST);
+                warn!(
+                    &ctx,
+                    "meshlet: cannot file an original destination (map full); the agent will refuse it"
+                );
             }
-            // Ask for state callbacks so that the entries go when the socket closes.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         } else if ctx.arg(1) == TCP_CLOSE {
             let _ = ORIG_DST_BY_CONN.remove(&key);
@@ -372,10 +397,14 @@ mod programs {
     /// sk_lookup verdicts.
     const SK_PASS: u32 = 1;
     const SK_DROP: u32 = 0;
+    /// The loopback device is interface 1 in every network namespace.
+    const LOOPBACK_IFINDEX: u32 = 1;
 
     /// Inbound capture, attached to each enrolled pod's netns: a new TCP connection to a
     /// captured pod address, for a port that is not the agent's, goes to the agent's plaintext
-    /// listener instead of the app, unless it is the agent's own delivery.
+    /// listener instead of the app, unless it is the agent's own delivery. A connection from
+    /// outside to an address the agent does not know is dropped: capture covers every
+    /// address the pod has, whenever it was added, not a list taken at enrollment.
     #[sk_lookup]
     pub fn inbound_capture(ctx: SkLookupContext) -> u32 {
         // SAFETY: the kernel hands a valid bpf_sk_lookup to sk_lookup programs.
@@ -419,12 +448,38 @@ mod programs {
             local_port: port,
             remote_port: u16::from_be(lookup.remote_port),
         };
+        let probe = ExemptKey {
+            source: remote,
+            destination: local,
+            port,
+            _pad: 0,
+        };
         // SAFETY: read-only lookups; the values are not kept.
-        if unsafe { INBOUND_CAPTURE.get(&local) }.is_none()
-            || unsafe { CAPTURE_EXEMPT.get(&remote) }.is_some()
+        if unsafe { CAPTURE_EXEMPT.get(&probe) }.is_some()
             || unsafe { DELIVERIES.get(&delivery) }.is_some()
         {
             return SK_PASS;
+        }
+        // SAFETY: as above.
+        match unsafe { INBOUND_CAPTURE.get(&local) }.copied() {
+            Some(CAPTURE) => {}
+            Some(_) => return SK_PASS,
+            None => {
+                // This program runs only in enrolled pods' netns, so this is an address of a
+                // captured pod that the agent was never told of (an address added after
+                // enrollment, a link-local one). Only the pod's own traffic may use it:
+                // loopback addresses, what came in on lo, the pod talking to itself.
+                let loopback = local == LOOPBACK6
+                    || (local[0] == 0
+                        && local[1] == 0
+                        && local[2] == ipv4_mapped(0)[2]
+                        && (u32::from_be(local[3]) >> 24) == 127);
+                if loopback || lookup.ingress_ifindex == LOOPBACK_IFINDEX || local == remote {
+                    return SK_PASS;
+                }
+                count(stats::INBOUND_UNKNOWN_ADDRESS);
+                return SK_DROP;
+            }
         }
         match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
             Ok(()) => {

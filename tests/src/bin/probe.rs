@@ -45,8 +45,7 @@ fn serve(args: &[String]) -> std::io::Result<()> {
         .unwrap_or_else(|| usage());
     let max: usize = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(1000);
     let timeout = Duration::from_secs(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(300));
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
-    listener.set_nonblocking(true)?;
+    let listener = listen(port)?;
     println!("LISTENING {port}");
     std::io::stdout().flush()?;
     let deadline = Instant::now() + timeout;
@@ -88,6 +87,15 @@ fn echo(mut stream: TcpStream) {
         }
     }
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// A non-blocking listener on PORT: IPv4 by default; `PROBE_LISTEN=::` listens on IPv6 (and
+/// IPv4-mapped) as well.
+fn listen(port: u16) -> std::io::Result<TcpListener> {
+    let host = std::env::var("PROBE_LISTEN").unwrap_or_else(|_| "0.0.0.0".into());
+    let listener = TcpListener::bind((host.as_str(), port))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn connect(to: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
@@ -182,8 +190,7 @@ fn hold_server(args: &[String]) -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| usage());
     let timeout = Duration::from_secs(args.get(2).and_then(|p| p.parse().ok()).unwrap_or(300));
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
-    listener.set_nonblocking(true)?;
+    let listener = listen(port)?;
     println!("LISTENING {port}");
     std::io::stdout().flush()?;
     let deadline = Instant::now() + timeout;
