@@ -114,7 +114,7 @@ impl ViewArgs {
     ) -> anyhow::Result<()> {
         match self.output {
             Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-            Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+            Output::Yaml => print!("{}", serde_norway::to_string(value)?),
             Output::Table => table(value),
         }
         Ok(())

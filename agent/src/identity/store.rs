@@ -282,7 +282,7 @@ async fn keep_fresh(
         match this.fetch(&identity).await {
             Ok(cert) => {
                 tracing::info!(target: "audit", %identity, serial = %cert.serial,
-                    not_after = %unix_seconds(cert.not_after), "certificate issued to node");
+                    not_after = %rfc3339(cert.not_after), "certificate issued to node");
                 let renew_at = cert.renew_at;
                 this.metrics.certificate_installed(
                     &identity.to_string(),
@@ -336,12 +336,8 @@ fn jitter() -> f64 {
     0.9 + rand::random::<f64>() * 0.2
 }
 
-fn unix_seconds(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("unix:{secs}")
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 #[cfg(test)]

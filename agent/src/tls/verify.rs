@@ -223,7 +223,8 @@ fn unix(t: SystemTime) -> UnixTime {
 }
 
 fn rfc3339(t: i64) -> String {
-    crate::cli::humantime_utc(SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
+        .to_string()
 }
 
 /// Validity of every certificate in the chain, with [`CLOCK_SKEW`] either side.
