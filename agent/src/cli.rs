@@ -17,12 +17,17 @@ pub enum Output {
 pub fn read_dump(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config dump {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
+    parse_dump(&text).with_context(|| {
         format!(
             "{} is not a meshlet config dump (save one with `meshlet config-dump -o json > FILE`)",
             path.display()
         )
     })
+}
+
+/// A config dump's text as JSON (untrusted: a file someone hands over).
+pub fn parse_dump(text: &str) -> serde_json::Result<serde_json::Value> {
+    serde_json::from_str(text)
 }
 
 /// `meshlet check --file`: the same explanation, from the control-plane update in the dump.

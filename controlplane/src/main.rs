@@ -9,14 +9,7 @@ use meshlet_proto::v1::{
     node_identity_service_server::NodeIdentityServiceServer,
 };
 
-mod ca;
-mod emergency;
-mod node_auth;
-mod pki;
-mod publish;
-mod registry;
-mod services;
-mod tokens;
+use meshlet_controlplane::{ca, emergency, node_auth, pki, publish, registry, services, tokens};
 
 #[derive(Parser, Debug)]
 #[command(

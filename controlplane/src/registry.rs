@@ -65,10 +65,40 @@ impl RegistryFile {
             path: path.clone(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| RegistryError::Parse {
+        Self::parse(&text).map_err(|source| RegistryError::Parse {
             path: path.clone(),
             source,
         })
+    }
+
+    /// Parses a registry file's text.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The snapshot this file describes, as version `version`.
+    pub fn into_snapshot(self, version: u64) -> Snapshot {
+        let workloads = self
+            .workloads
+            .into_iter()
+            .map(|w| Workload {
+                uid: w.uid,
+                namespace: w.namespace,
+                name: w.name,
+                service_account: w.service_account,
+                node: w.node,
+                ips: w.ips,
+                labels: w.labels.into_iter().collect(),
+                probe_ports: w.probe_ports.into_iter().map(u32::from).collect(),
+            })
+            .collect();
+        Snapshot {
+            version,
+            workloads,
+            mesh: self.mesh,
+            modes: self.modes,
+            policies: self.policies,
+        }
     }
 }
 
@@ -92,28 +122,7 @@ impl Snapshot {
 }
 
 fn load(path: &PathBuf, version: u64) -> Result<Snapshot, RegistryError> {
-    let file = RegistryFile::read(path)?;
-    let workloads = file
-        .workloads
-        .into_iter()
-        .map(|w| Workload {
-            uid: w.uid,
-            namespace: w.namespace,
-            name: w.name,
-            service_account: w.service_account,
-            node: w.node,
-            ips: w.ips,
-            labels: w.labels.into_iter().collect(),
-            probe_ports: w.probe_ports.into_iter().map(u32::from).collect(),
-        })
-        .collect();
-    Ok(Snapshot {
-        version,
-        workloads,
-        mesh: file.mesh,
-        modes: file.modes,
-        policies: file.policies,
-    })
+    Ok(RegistryFile::read(path)?.into_snapshot(version))
 }
 
 /// Loads the file once (failing loudly if it is bad) and then watches it: a changed file

@@ -183,6 +183,27 @@ pub(crate) async fn handle_connection(
     }
 }
 
+/// Where a tunnel stream asks to go: a `CONNECT` to `IP:port` (HBONE), or the status to
+/// refuse it with and why. Untrusted input from the peer; fuzzed (`fuzz/`).
+pub fn connect_target<B>(
+    request: &http::Request<B>,
+) -> Result<SocketAddr, (http::StatusCode, &'static str)> {
+    if request.method() != http::Method::CONNECT {
+        return Err((
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "the tunnel takes CONNECT only",
+        ));
+    }
+    request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or((
+            http::StatusCode::BAD_REQUEST,
+            "CONNECT authority is not IP:port",
+        ))
+}
+
 fn reply(respond: &mut h2::server::SendResponse<Bytes>, status: http::StatusCode) {
     let response = http::Response::builder()
         .status(status)
@@ -206,19 +227,14 @@ async fn handle_stream(
         .and_then(crate::tunnel::valid_traceparent)
         .unwrap_or_default()
         .to_string();
-    if request.method() != http::Method::CONNECT {
-        reply(&mut respond, http::StatusCode::METHOD_NOT_ALLOWED);
-        return;
-    }
-    let authority = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let Some(target) = authority else {
-        tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity, %traceparent,
-            outcome = "refused", reason = "CONNECT authority is not IP:port");
-        reply(&mut respond, http::StatusCode::BAD_REQUEST);
-        return;
+    let target = match connect_target(&request) {
+        Ok(target) => target,
+        Err((status, reason)) => {
+            tracing::warn!(target: "access", direction = "inbound", src_identity = %peer_identity, %traceparent,
+                outcome = "refused", reason);
+            reply(&mut respond, status);
+            return;
+        }
     };
     let Some(local) = agent.workloads.by_uid(&pod.uid) else {
         reply(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
