@@ -12,6 +12,7 @@ use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
 
 mod bench;
 mod demo;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,6 +42,15 @@ enum Cmd {
         /// An extra argument for every agent (repeatable), e.g. `--agent-arg=--worker-threads=1`.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, nightly): each for SECS, or one of them.
+    Fuzz {
+        /// Only this target (hbone_request, discovery_update, registry_json, ca_csr,
+        /// dump_reader).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
     },
     /// Bring the lab up or down, look at it, run commands in it.
     Lab {
@@ -166,6 +176,24 @@ fn setup() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix))?;
     }
+    // cargo-fuzz, for the fuzz targets (a short run of each is part of the tests).
+    let fuzz_ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(fuzz::CARGO_FUZZ_VERSION)
+        })
+        .unwrap_or(false);
+    if !fuzz_ok {
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            fuzz::CARGO_FUZZ_VERSION,
+        ]))?;
+    }
     // Debian packages the tests and the bench use.
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
@@ -270,12 +298,22 @@ fn test() -> anyhow::Result<()> {
             totals.1 += 1;
         }
     }
+    // Every fuzz target for a few seconds: a crash, a leak or a panic on untrusted input fails.
+    let fuzz_smoke = fuzz::run_targets(None, Duration::from_secs(10));
+    match &fuzz_smoke {
+        Ok(()) => totals.0 += fuzz::TARGETS.len() as u64,
+        Err(e) => {
+            eprintln!("xtask: fuzz smoke run failed: {e:#}");
+            totals.1 += 1;
+        }
+    }
     let leftovers = lab::leftovers();
     println!("{} passed, {} failed", totals.0, totals.1);
     unit?;
     fips?;
     lab_tests?;
     bench_smoke?;
+    fuzz_smoke?;
     if !leftovers.is_empty() {
         bail!("the tests left lab pieces behind: {leftovers:?}");
     }
@@ -391,6 +429,10 @@ fn main() -> anyhow::Result<()> {
             demo::run(&bin_dir, Duration::from_secs(60))
         }
         Cmd::Lab { action } => lab_cmd(action),
+        Cmd::Fuzz { target, secs } => {
+            setup()?;
+            fuzz::run_targets(target.as_deref(), Duration::from_secs(secs))
+        }
         Cmd::Bench { quick, agent_args } => {
             setup()?;
             let (bin_dir, mut plan) = if quick {
