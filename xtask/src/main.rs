@@ -299,7 +299,7 @@ fn test() -> anyhow::Result<()> {
         }
     }
     // Every fuzz target for a few seconds: a crash, a leak or a panic on untrusted input fails.
-    let fuzz_smoke = fuzz::run_targets(None, Duration::from_secs(10));
+    let fuzz_smoke = fuzz::run_targets(None, Duration::from_secs(10), fuzz::Build::Smoke);
     match &fuzz_smoke {
         Ok(()) => totals.0 += fuzz::TARGETS.len() as u64,
         Err(e) => {
@@ -431,7 +431,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lab { action } => lab_cmd(action),
         Cmd::Fuzz { target, secs } => {
             setup()?;
-            fuzz::run_targets(target.as_deref(), Duration::from_secs(secs))
+            fuzz::run_targets(
+                target.as_deref(),
+                Duration::from_secs(secs),
+                fuzz::Build::Long,
+            )
         }
         Cmd::Bench { quick, agent_args } => {
             setup()?;
