@@ -458,7 +458,7 @@ pub fn config_dump(agent: &NodeAgent, pods: Vec<PodSummary>) -> ConfigDump {
         certs: certs(agent),
         connections: connections(agent),
         policies: policies(agent, &pods),
-        discovery: agent.workloads.last_update().map(|u| (*u).clone()),
+        discovery: agent.workloads.last_update(),
         pods,
     }
 }

@@ -214,8 +214,10 @@ fn unique_names<'a>(
 }
 
 /// Whether a label selector (all of its pairs) matches a workload's labels.
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+fn selects(selector: &BTreeMap<String, String>, labels: &crate::discovery::Labels) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v.as_str()))
 }
 
 /// Validates the keys and values of a selector: no empty keys, no control characters.
