@@ -343,6 +343,9 @@ impl ControlPlane {
             .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(credentials.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // Full handshakes only (see the control plane's side): a resumed session would not
+        // present the current node certificate.
+        config.resumption = rustls::client::Resumption::disabled();
         let channel = meshlet_proto::channel::connect_lazy_tls(
             &settings.address,
             Arc::new(config),
@@ -409,6 +412,9 @@ impl ControlPlane {
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // Full handshakes only (see the control plane's side): a resumed session would not
+        // present the current node certificate.
+        config.resumption = rustls::client::Resumption::disabled();
         let (_open, open) = tokio::sync::watch::channel(true);
         let channel =
             meshlet_proto::channel::connect_lazy_tls(&settings.address, Arc::new(config), open)?;

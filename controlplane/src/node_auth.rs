@@ -199,6 +199,11 @@ fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session carries the node certificate of its first handshake,
+    // so a node would come back with a certificate that has expired (the connection then ends
+    // at once, again and again) or been revoked. Every connection is a full handshake.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -299,4 +304,31 @@ where
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed session would carry the node certificate of its first handshake: with
+    /// 2-minute node certificates, reconnections presented an expired one and were ended at
+    /// once, forever (the rotation lab test caught it).
+    #[test]
+    fn the_control_plane_never_resumes_a_session() {
+        let (signer, trust) = crate::pki::generate_dev("cluster.local").expect("dev CA");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let serving = Arc::new(ServingCert {
+            ca: Arc::new(CertificateAuthority::new(
+                "cluster.local",
+                signer,
+                Duration::from_secs(3600),
+            )),
+            provider: provider.clone(),
+            current: Mutex::new(None),
+        });
+        let config = server_config(&trust, serving, provider).expect("config");
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.session_storage.can_cache());
+        assert!(!config.ticketer.enabled());
+    }
 }

@@ -300,6 +300,27 @@ fn a_policy_change_closes_a_live_now_denied_connection() {
             && log.contains("policy=default/cut-web"),
         "{log}"
     );
+    // The access line of a connection that ended in an error still counts what it moved
+    // (the ping's bytes, both ways); it used to say 0 and 0.
+    let access = log
+        .lines()
+        .find(|l| {
+            l.contains("direction=\"inbound\"")
+                && l.contains("connection closed")
+                && l.contains("outcome=\"error\"")
+        })
+        .unwrap_or_else(|| panic!("no inbound access line for the closed connection:\n{log}"));
+    let count = |field: &str| -> u64 {
+        access
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{field}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("bytes_received") > 0 && count("bytes_sent") > 0,
+        "bytes lost from the access line: {access}"
+    );
 }
 
 #[test]
