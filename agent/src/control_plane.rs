@@ -337,20 +337,9 @@ impl ControlPlane {
             ready,
             renew_now: Notify::new(),
         });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_client_cert_resolver(credentials.clone());
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        // Full handshakes only (see the control plane's side): a resumed session would not
-        // present the current node certificate.
-        config.resumption = rustls::client::Resumption::disabled();
-        let channel = meshlet_proto::channel::connect_lazy_tls(
-            &settings.address,
-            Arc::new(config),
-            ready_rx,
-        )?;
+        let config = link_tls(&provider, verifier.clone(), Some(credentials.clone()))?;
+        let channel =
+            meshlet_proto::channel::connect_lazy_tls(&settings.address, config, ready_rx)?;
         let link = Self {
             channel,
             credentials,
@@ -406,18 +395,10 @@ impl ControlPlane {
             });
         };
         let token = read("join token", token_file)?.trim().to_string();
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        // Full handshakes only (see the control plane's side): a resumed session would not
-        // present the current node certificate.
-        config.resumption = rustls::client::Resumption::disabled();
+        // No node certificate yet: the join is the one call made without one.
+        let config = link_tls(provider, verifier, None)?;
         let (_open, open) = tokio::sync::watch::channel(true);
-        let channel =
-            meshlet_proto::channel::connect_lazy_tls(&settings.address, Arc::new(config), open)?;
+        let channel = meshlet_proto::channel::connect_lazy_tls(&settings.address, config, open)?;
         let mut client = NodeIdentityServiceClient::new(channel);
         let uri = Self::expected_node_uri(settings);
         let (key, csr_pem) = key_and_csr(&uri)?;
@@ -473,6 +454,29 @@ impl ControlPlane {
     }
 }
 
+/// The TLS settings of every connection to the control plane: TLS 1.3, ALPN h2, the control
+/// plane verified as `spiffe://<td>/meshlet/controlplane`, and the node certificate presented
+/// when there is one.
+fn link_tls(
+    provider: &Arc<CryptoProvider>,
+    verifier: Arc<ControlPlaneVerifier>,
+    node: Option<Arc<NodeCredentials>>,
+) -> Result<Arc<rustls::ClientConfig>, ControlPlaneError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match node {
+        Some(credentials) => builder.with_client_cert_resolver(credentials),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // Full handshakes only (see the control plane's side): a resumed session would not
+    // present the current node certificate.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 fn store(
     settings: &ControlPlaneSettings,
     key_pem: &str,
@@ -488,8 +492,8 @@ fn store(
         &settings.identity_dir.join(IDENTITY_FILE),
         &format!("{}{}", key_pem, chain.concat()),
     )?;
-    // The two files of earlier versions would be read before nothing else; remove them so a
-    // stale pair is never picked up again.
+    // The two files an earlier version wrote are read only when this one is missing; remove
+    // them so that a stale pair can never be picked up again.
     for old in ["node.key", "node.pem"] {
         let _ = std::fs::remove_file(settings.identity_dir.join(old));
     }
@@ -590,6 +594,34 @@ impl Renewal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resumed session would present the node certificate of its first handshake (expired,
+    /// after a 2-minute node certificate: the control plane then cut the node off in a loop).
+    #[test]
+    fn every_control_plane_connection_is_a_full_handshake() {
+        let provider = crate::tls::provider(false);
+        let verifier = Arc::new(ControlPlaneVerifier {
+            provider: provider.clone(),
+            bootstrap: Vec::new(),
+            bundle: Arc::new(TrustBundle::default()),
+            expected: meshlet_spiffe::control_plane_id("td"),
+        });
+        let (ready, _) = tokio::sync::watch::channel(false);
+        let credentials = Arc::new(NodeCredentials {
+            current: RwLock::new(None),
+            ready,
+            renew_now: Notify::new(),
+        });
+        for node in [Some(credentials), None] {
+            let config = link_tls(&provider, verifier.clone(), node).expect("config");
+            assert!(
+                format!("{:?}", config.resumption).contains("Disabled"),
+                "{:?}",
+                config.resumption
+            );
+            assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        }
+    }
 
     #[test]
     fn the_node_key_and_chain_are_stored_together_and_read_back_as_a_pair() {

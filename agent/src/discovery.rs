@@ -258,7 +258,7 @@ impl Workloads {
     /// Validates a whole update and, only if all of it is good, makes it current.
     ///
     /// Versions order the updates of one discovery stream: within a stream, an update must be
-    /// newer than the one applied. The first update of a stream (`Stream::First`) is a full
+    /// newer than the one applied. The first update of a stream (`StreamPosition::First`) is a full
     /// state and is applied whatever its number, as in xDS: a restarted control plane, or
     /// another replica, numbers its own way, and an agent that compared across streams
     /// froze on its old state until the new counter passed it.

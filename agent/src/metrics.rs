@@ -106,17 +106,6 @@ pub struct BuildLabels {
 }
 
 /// Everything the agent counts.
-impl Metrics {
-    /// Counts one tunnel timeout of kind `reason`.
-    pub fn tunnel_timeout(&self, reason: &str) {
-        self.tunnel_timeouts
-            .get_or_create(&ReasonLabels {
-                reason: reason.into(),
-            })
-            .inc();
-    }
-}
-
 pub struct Metrics {
     registry: Registry,
     pub connections_opened: Family<ConnectionLabels, Counter>,
@@ -143,6 +132,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one tunnel timeout of kind `reason`.
+    pub fn tunnel_timeout(&self, reason: &str) {
+        self.tunnel_timeouts
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     pub fn new(node: &str) -> Self {
         let mut registry = Registry::with_prefix("meshlet");
         let m = Self {

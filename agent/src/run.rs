@@ -127,9 +127,7 @@ impl AgentConfig {
             n => n,
         }
     }
-}
 
-impl AgentConfig {
     /// The tunnel's timeouts and limits from the flags.
     pub fn tunnel_limits(&self) -> TunnelLimits {
         TunnelLimits {

@@ -72,12 +72,16 @@ impl LabPki {
         let int = ca_params(&format!("lab intermediate ({trust_domain})"))
             .signed_by(&int_key, &root_issuer)?;
         std::fs::write(pki.cert_path(LabCa::Root), root.pem())?;
-        write_private(
+        // Keys owner-only, as the control plane demands.
+        write_atomically(
             &pki.key_path(LabCa::Root),
-            &root_issuer.key().serialize_pem(),
+            root_issuer.key().serialize_pem().as_bytes(),
         )?;
         std::fs::write(pki.cert_path(LabCa::Intermediate), int.pem())?;
-        write_private(&pki.key_path(LabCa::Intermediate), &int_key.serialize_pem())?;
+        write_atomically(
+            &pki.key_path(LabCa::Intermediate),
+            int_key.serialize_pem().as_bytes(),
+        )?;
         std::fs::write(pki.roots_path(), root.pem())?;
         let fresh = OffsetDateTime::now_utc() + Duration::from_secs(24 * 3600);
         pki.write_crl(LabCa::Root, &[], fresh)?;
@@ -172,18 +176,5 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     std::io::Write::write_all(&mut file, contents)?;
     drop(file);
     std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Writes a private key readable by its owner only, as the control plane demands.
-pub fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    std::io::Write::write_all(&mut file, pem.as_bytes())?;
     Ok(())
 }

@@ -130,6 +130,22 @@ mod programs {
         }
     }
 
+    /// Whether an address in the programs' form (IPv6, IPv4-mapped for IPv4) is IPv4-mapped.
+    #[inline(always)]
+    fn is_ipv4_mapped(ip: [u32; 4]) -> bool {
+        ip[0] == 0 && ip[1] == 0 && ip[2] == ipv4_mapped(0)[2]
+    }
+
+    /// Whether an address in the programs' form is a loopback address (`127.0.0.0/8`, `::1`).
+    #[inline(always)]
+    fn is_loopback(ip: [u32; 4]) -> bool {
+        if is_ipv4_mapped(ip) {
+            (u32::from_be(ip[3]) >> 24) == 127
+        } else {
+            ip == LOOPBACK6
+        }
+    }
+
     #[inline(always)]
     fn count(index: u32) {
         if let Some(counter) = STATS.get_ptr_mut(index) {
@@ -265,15 +281,10 @@ mod programs {
             return ALLOW;
         }
         let ip = read_ip6(sa);
-        let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == ipv4_mapped(0)[2];
-        let loopback = if mapped {
-            (u32::from_be(ip[3]) >> 24) == 127
-        } else {
-            ip == LOOPBACK6
-        };
-        if loopback {
+        if is_loopback(ip) {
             return ALLOW;
         }
+        let mapped = is_ipv4_mapped(ip);
         let port = u16::from_be(sa.user_port as u16);
         match save_original(&ctx, ip, port) {
             Ok(true) => {
@@ -469,12 +480,10 @@ mod programs {
                 // captured pod that the agent was never told of (an address added after
                 // enrollment, a link-local one). Only the pod's own traffic may use it:
                 // loopback addresses, what came in on lo, the pod talking to itself.
-                let loopback = local == LOOPBACK6
-                    || (local[0] == 0
-                        && local[1] == 0
-                        && local[2] == ipv4_mapped(0)[2]
-                        && (u32::from_be(local[3]) >> 24) == 127);
-                if loopback || lookup.ingress_ifindex == LOOPBACK_IFINDEX || local == remote {
+                if is_loopback(local)
+                    || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+                    || local == remote
+                {
                     return SK_PASS;
                 }
                 count(stats::INBOUND_UNKNOWN_ADDRESS);
