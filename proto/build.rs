@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Rule",
         "Source",
         "Destination",
+        "Service",
+        "ServicePort",
+        "Endpoint",
+        "ExternalService",
     ] {
         config = config.type_attribute(
             format!(".meshlet.v1.{message}"),

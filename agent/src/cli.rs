@@ -39,12 +39,12 @@ pub fn check_from_dump(
     let update: meshlet_proto::v1::DiscoveryResponse =
         serde_json::from_value(dump["discovery"].clone())
             .context("the dump holds no control-plane update (the agent had none applied)")?;
-    let workloads = crate::discovery::Workloads::default();
+    let workloads = crate::state::Store::default();
     workloads
         .apply(
             &update,
             &crate::tls::TrustBundle::default(),
-            crate::discovery::StreamPosition::First,
+            crate::state::StreamPosition::First,
         )
         .context("the dump's control-plane update does not validate")?;
     Ok(serde_json::to_value(crate::admin::views::check(

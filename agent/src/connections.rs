@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::{
     identity::SpiffeId,
     metrics::{ConnectionLabels, DirectionLabels, Metrics},
-    policy::Transport,
+    state::policy::Transport,
 };
 
 /// Which side of the mesh the connection is on, seen from this node.

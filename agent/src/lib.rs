@@ -22,8 +22,9 @@ pub mod node;
 pub mod node_api;
 pub mod outbound;
 pub mod pods;
-pub mod policy;
+
 pub mod redirect;
 pub mod run;
+pub mod state;
 pub mod tls;
 pub mod tunnel;

@@ -105,6 +105,25 @@ pub struct BuildLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+/// Outcomes and reasons of outbound connections, all exported from zero.
+pub const OUTBOUND_OUTCOMES: &[(&str, &str)] = &[
+    ("mtls", "mesh_workload"),
+    ("plaintext", "destination_mode_disable"),
+    ("plaintext", "endpoint_outside_mesh"),
+    ("passthrough", "external_service"),
+    ("passthrough", "allow_any"),
+    ("refused", "no_healthy_endpoint"),
+    ("refused", "unknown_service_port"),
+    ("refused", "registry_only"),
+    ("failed", "unreachable"),
+];
+
 /// Everything the agent counts.
 pub struct Metrics {
     registry: Registry,
@@ -126,12 +145,23 @@ pub struct Metrics {
     pub control_plane_connected: Gauge,
     pub control_plane_version: Gauge,
     pub control_plane_rejected: Counter,
+    /// Outbound connections by how they left (or why they did not).
+    pub outbound: Family<OutboundLabels, Counter>,
+    /// Service endpoints that refused or could not be reached, after which another was tried.
+    pub endpoint_retries: Counter,
     redirect_events: Family<EventLabels, Counter>,
     redirect_seen: Mutex<RedirectStats>,
     identities: Mutex<HashSet<String>>,
 }
 
 impl Metrics {
+    /// Counts one outbound connection.
+    pub fn outbound(&self, outcome: &'static str, reason: &'static str) {
+        self.outbound
+            .get_or_create(&OutboundLabels { outcome, reason })
+            .inc();
+    }
+
     /// Counts one tunnel timeout of kind `reason`.
     pub fn tunnel_timeout(&self, reason: &str) {
         self.tunnel_timeouts
@@ -160,6 +190,8 @@ impl Metrics {
             control_plane_connected: Gauge::default(),
             control_plane_version: Gauge::default(),
             control_plane_rejected: Counter::default(),
+            outbound: Family::default(),
+            endpoint_retries: Counter::default(),
             redirect_events: Family::default(),
             redirect_seen: Mutex::new(RedirectStats::default()),
             identities: Mutex::new(HashSet::new()),
@@ -246,6 +278,16 @@ impl Metrics {
             m.control_plane_rejected.clone(),
         );
         registry.register(
+            "outbound_connections",
+            "Outbound connections by outcome (mtls, plaintext, passthrough, refused, failed) and reason",
+            m.outbound.clone(),
+        );
+        registry.register(
+            "endpoint_retries",
+            "Service endpoints that refused or were unreachable, after which another endpoint was tried",
+            m.endpoint_retries.clone(),
+        );
+        registry.register(
             "redirect_events",
             "The kernel programs' counters (per-CPU BPF map, summed), by event",
             m.redirect_events.clone(),
@@ -275,6 +317,11 @@ impl Metrics {
                 .get_or_create(&ReasonLabels {
                     reason: reason.into(),
                 })
+                .inc_by(0);
+        }
+        for &(outcome, reason) in OUTBOUND_OUTCOMES {
+            m.outbound
+                .get_or_create(&OutboundLabels { outcome, reason })
                 .inc_by(0);
         }
         for &reason in CA_FAILURE_REASONS {

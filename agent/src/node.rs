@@ -3,33 +3,28 @@ use std::sync::Arc;
 
 use crate::{
     connections::LiveConnections,
-    discovery::Workloads,
     identity::IdentityStore,
     limits::{ConnectionLimiter, TunnelLimits},
+    outbound::UpstreamLoad,
     redirect::Redirect,
+    state::{OutboundTrafficPolicy, Store},
     tls::{TlsSettings, TrustBundle},
     tunnel::Pool,
 };
-
-/// What to do with a connection to an address that is no known workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-pub enum UnknownDestination {
-    /// Refuse it (fail closed): nothing leaves a mesh pod unauthenticated.
-    Refuse,
-    /// Connect directly, in plaintext, from the pod (for destinations outside the mesh).
-    Passthrough,
-}
 
 /// The node agent's shared state.
 pub struct NodeAgent {
     pub node: String,
     pub redirect: Arc<Redirect>,
-    pub workloads: Arc<Workloads>,
+    pub state: Arc<Store>,
     pub identities: Arc<IdentityStore>,
     pub bundle: Arc<TrustBundle>,
     pub tls: Arc<TlsSettings>,
     pub pool: Pool,
-    pub unknown_destination: UnknownDestination,
+    /// This node's override of the mesh's outbound traffic policy.
+    pub outbound_override: Option<OutboundTrafficPolicy>,
+    /// Open outbound connections per upstream address, for load balancing.
+    pub upstream_load: UpstreamLoad,
     /// Live inbound connections, re-checked when the policy changes.
     pub connections: Arc<LiveConnections>,
     pub metrics: Arc<crate::metrics::Metrics>,

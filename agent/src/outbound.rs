@@ -1,8 +1,11 @@
 //! Outbound: connections an enrolled pod made, redirected by the kernel to the agent's
-//! listener in the pod's netns. Find where each was going, pick the tunnel, carry it.
+//! listener in the pod's netns. Find where each was going ([`crate::state::route`]: a Service
+//! endpoint, a workload, egress), reach it (the tunnel, or plaintext where the route says
+//! so), trying the next endpoint when one refuses, and carry the bytes.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Instant,
 };
 
@@ -11,12 +14,81 @@ use tokio::net::TcpStream;
 
 use crate::{
     connections::{Direction, NewConnection},
-    node::{NodeAgent, UnknownDestination},
+    node::NodeAgent,
     pods::PodHandle,
-    policy::{Mode, Transport},
+    state::{policy::Transport, RouteInputs, RouteOutcome, Upstream, WorkloadInfo},
     tls,
-    tunnel::{self, copy, Credentials, PoolKey, TunnelConnector},
+    tunnel::{self, copy, pool::Checkout, Credentials, PoolKey, TunnelConnector},
 };
+
+/// Why an upstream could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::TunnelError),
+    #[error("cannot connect directly: {0}")]
+    Direct(#[from] std::io::Error),
+}
+
+impl OutboundError {
+    /// Whether another endpoint may do better: not after a policy refusal (401, 403), which
+    /// the next endpoint of the same Service would most likely repeat.
+    fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            Self::Tunnel(tunnel::TunnelError::Refused { status, .. })
+                if *status == http::StatusCode::UNAUTHORIZED || *status == http::StatusCode::FORBIDDEN
+        )
+    }
+}
+
+/// Open outbound connections per upstream address: the load that the route's power of two
+/// choices compares.
+#[derive(Debug, Default)]
+pub struct UpstreamLoad(Mutex<HashMap<SocketAddr, usize>>);
+
+impl UpstreamLoad {
+    /// Connections open to `address` now.
+    pub fn get(&self, address: SocketAddr) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&address)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts one connection to `address` for as long as the guard lives.
+    fn open(&self, address: SocketAddr) -> LoadGuard<'_> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(address)
+            .or_default() += 1;
+        LoadGuard {
+            load: self,
+            address,
+        }
+    }
+}
+
+struct LoadGuard<'a> {
+    load: &'a UpstreamLoad,
+    address: SocketAddr,
+}
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.load.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
 
 /// One redirected connection from an app in the pod.
 pub(crate) async fn handle(
@@ -31,46 +103,133 @@ pub(crate) async fn handle(
             outcome = "refused", reason = "no original destination recorded for this connection");
         return;
     };
-    let Some(source) = agent.workloads.by_uid(&pod.uid) else {
+    let Some(source) = agent.state.by_uid(&pod.uid) else {
         tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid, dst = %original,
             outcome = "refused", reason = "the control plane has not described this pod yet");
         return;
     };
-    let Some(destination) = agent.workloads.by_ip(original.ip()) else {
-        match agent.unknown_destination {
-            UnknownDestination::Refuse => {
-                tracing::warn!(target: "access", direction = "outbound", src = %source.display_name(),
-                    dst = %original, outcome = "refused",
-                    reason = "destination is not a known workload (unknown_destination=refuse)");
-            }
-            UnknownDestination::Passthrough => {
-                passthrough(&pod, app, original, "unknown_destination=passthrough").await
-            }
-        }
-        return;
-    };
-    // Plaintext only because the destination's own mode says so.
-    let mode = agent
-        .workloads
-        .policy()
-        .mode_for(&destination, original.port());
-    if mode.mode == Mode::Disable {
-        let reason = format!("destination mode DISABLE ({})", mode.source);
-        passthrough(&pod, app, original, &reason).await;
-        return;
-    }
-    let source_identity = source.identity.clone();
-    let own_certificate = match agent.identities.current(&source_identity) {
-        Ok(cert) => cert,
-        Err(e) => {
-            tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-                dst = %original, outcome = "refused", reason = %e);
+    let route = agent.state.current().route(
+        original,
+        &RouteInputs {
+            outbound_override: agent.outbound_override,
+            load: &|address| agent.upstream_load.get(address),
+        },
+        &mut rand::thread_rng(),
+    );
+    let service = route.service.unwrap_or_default();
+    let upstreams = match route.outcome {
+        RouteOutcome::Upstreams(upstreams) => upstreams,
+        RouteOutcome::Refuse { reason, detail } => {
+            agent.metrics.outbound("refused", reason);
+            tracing::warn!(target: "access", direction = "outbound", src = %source.identity,
+                src_workload = %source.display_name(), dst = %original, %service,
+                outcome = "refused", reason, %detail);
             return;
         }
     };
+    let mut failures: Vec<String> = Vec::new();
+    let last = upstreams.len().saturating_sub(1);
+    for (attempt, upstream) in upstreams.iter().enumerate() {
+        // Waiting for the peer's answer before the app's bytes go costs a round trip, and is
+        // what makes a retry possible (the bytes are still in the app's socket); the last
+        // candidate sends at once.
+        let retry_possible = attempt < last;
+        let connected = match upstream.transport() {
+            Transport::Mtls => tunnel_to(&agent, &pod, &source, upstream, retry_possible)
+                .await
+                .map_err(OutboundError::from),
+            Transport::Plaintext => direct_to(&pod, upstream.address)
+                .await
+                .map_err(OutboundError::from),
+        };
+        match connected {
+            Ok(connected) => {
+                let context = Context {
+                    agent: &agent,
+                    pod: &pod,
+                    source: &source,
+                    peer,
+                    original,
+                    service: &service,
+                    upstream,
+                    retried: &failures,
+                    started,
+                };
+                carry(context, app, connected).await;
+                return;
+            }
+            Err(e) => {
+                let retry_possible = retry_possible && e.retryable();
+                if retry_possible {
+                    agent.metrics.endpoint_retries.inc();
+                    tracing::info!(target: "access", direction = "outbound", src = %source.identity,
+                        dst = %original, %service, endpoint = %upstream.address,
+                        outcome = "retry", reason = %e, "endpoint failed; trying another");
+                }
+                failures.push(format!("{}: {e}", upstream.address));
+                if !retry_possible {
+                    break;
+                }
+            }
+        }
+    }
+    agent.metrics.outbound("failed", "unreachable");
+    tracing::warn!(target: "access", direction = "outbound", src = %source.identity,
+        src_workload = %source.display_name(), dst = %original, %service, outcome = "failed",
+        reason = %failures.join("; "));
+}
+
+/// A connection made to an upstream, ready to carry the app's bytes.
+enum Connected {
+    Tunnel {
+        checkout: Checkout,
+        send: h2::SendStream<bytes::Bytes>,
+        /// The peer's answer: already received when a retry was possible, else in flight.
+        answer: Answer,
+        traceparent: String,
+    },
+    Plaintext(TcpStream),
+}
+
+enum Answer {
+    Received(h2::RecvStream),
+    Pending(
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<h2::RecvStream, tunnel::TunnelError>>
+                    + Send,
+            >,
+        >,
+    ),
+}
+
+/// Opens a stream to `upstream` (a mesh workload) through a pooled tunnel from the pod.
+async fn tunnel_to(
+    agent: &NodeAgent,
+    pod: &PodHandle,
+    source: &WorkloadInfo,
+    upstream: &Upstream,
+    wait_for_answer: bool,
+) -> Result<Connected, tunnel::TunnelError> {
+    let Some(destination) = upstream.workload.as_ref() else {
+        // A route never makes an mTLS upstream without a workload.
+        return Err(tunnel::TunnelError::Refused {
+            authority: upstream.address.to_string(),
+            status: http::StatusCode::MISDIRECTED_REQUEST,
+        });
+    };
+    let source_identity = source.identity.clone();
+    let own_certificate =
+        agent
+            .identities
+            .current(&source_identity)
+            .map_err(|e| tunnel::TunnelError::Connect {
+                addr: upstream.address,
+                source: std::io::Error::other(e.to_string()),
+            })?;
     // The pool lookup's values (our leaf, the signer, the key) are dropped once we have a
     // connection: an idle tunnelled connection should hold only what it moves bytes with.
-    let endpoint = SocketAddr::new(original.ip(), TUNNEL_PORT);
+    let endpoint = SocketAddr::new(upstream.address.ip(), TUNNEL_PORT);
     let checkout = {
         let client_leaf = own_certificate
             .certified_key
@@ -126,10 +285,10 @@ pub(crate) async fn handle(
         };
         // Boxed: a tunnel set-up (TCP, TLS and HTTP/2 handshakes) is a large future, and in
         // place it would size every connection's task, idle ones included, for its whole life.
-        match Box::pin(agent.pool.checkout(&key, &current, connect)).await {
-            Ok(c) => c,
-            Err(e) => {
-                if let tunnel::TunnelError::Handshake { source, .. } = &e {
+        Box::pin(agent.pool.checkout(&key, &current, connect))
+            .await
+            .inspect_err(|e| {
+                if let tunnel::TunnelError::Handshake { source, .. } = e {
                     agent
                         .metrics
                         .handshake_failures
@@ -139,105 +298,163 @@ pub(crate) async fn handle(
                         })
                         .inc();
                 }
-                tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-                    dst = %original, dst_identity = %destination.identity, outcome = "failed", reason = %e);
-                return;
-            }
-        }
+            })?
     };
     let traceparent = tunnel::new_traceparent();
     let (send, answer) =
-        match tunnel::start_stream(checkout.sender(), endpoint, original, &traceparent).await {
-            Ok(s) => s,
-            Err(e) => {
+        tunnel::start_stream(checkout.sender(), endpoint, upstream.address, &traceparent)
+            .await
+            .inspect_err(|e| {
                 if matches!(e, tunnel::TunnelError::Http2 { .. }) {
                     checkout.poison();
                 }
-                tracing::warn!(target: "access", direction = "outbound", src = %source_identity,
-                dst = %original, dst_identity = %destination.identity, %traceparent,
-                outcome = "failed", reason = %e);
-                return;
-            }
-        };
-    let (registration, _never_closed) = agent.connections.register(NewConnection {
-        direction: Direction::Outbound,
-        pod: pod.uid.clone(),
-        transport: Transport::Mtls,
-        source_identity: Some(source_identity.clone()),
-        destination_identity: Some(destination.identity.clone()),
-        // The app's socket was redirected to loopback; show it with the pod's own address.
-        source: SocketAddr::new(
-            source.ips.first().copied().unwrap_or(peer.ip()),
-            peer.port(),
-        ),
-        destination: original,
-    });
-    let bytes = registration.bytes();
-    let checkout_ref = &checkout;
+            })?;
     let response_timeout = agent.limits.connect_response_timeout;
-    let metrics = &agent.metrics;
-    let recv = async move {
-        let answer = match tokio::time::timeout(response_timeout, answer).await {
+    let authority = upstream.address;
+    let metrics = agent.metrics.clone();
+    let answer = async move {
+        match tokio::time::timeout(response_timeout, answer).await {
             Ok(answer) => answer,
             Err(_) => {
                 metrics.tunnel_timeout("connect_response");
                 Err(tunnel::TunnelError::NoAnswer {
-                    authority: original.to_string(),
+                    authority: authority.to_string(),
                     waited: response_timeout,
                 })
             }
-        };
-        answer.map_err(|e| {
-            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
-                checkout_ref.poison();
-            }
-            std::io::Error::other(e)
-        })
+        }
     };
-    let result =
-        copy::copy_bidirectional(app, send, recv, &bytes.from_source, &bytes.to_source).await;
-    drop(checkout);
+    let answer = if wait_for_answer {
+        match answer.await {
+            Ok(stream) => Answer::Received(stream),
+            Err(e) => {
+                if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                    checkout.poison();
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        Answer::Pending(Box::pin(answer))
+    };
+    Ok(Connected::Tunnel {
+        checkout,
+        send,
+        answer,
+        traceparent,
+    })
+}
+
+/// A plaintext connection from the pod itself (its own address, the agent's mark so that it
+/// is not redirected again).
+async fn direct_to(pod: &PodHandle, address: SocketAddr) -> Result<Connected, std::io::Error> {
+    let socket = pod
+        .netns
+        .tcp_socket(address)
+        .await
+        .map_err(std::io::Error::other)??;
+    socket.set_mark(AGENT_MARK)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    Ok(Connected::Plaintext(socket.connect(address).await?))
+}
+
+/// What the access line of a connection names.
+struct Context<'a> {
+    agent: &'a NodeAgent,
+    pod: &'a PodHandle,
+    source: &'a WorkloadInfo,
+    peer: SocketAddr,
+    original: SocketAddr,
+    service: &'a str,
+    upstream: &'a Upstream,
+    /// Endpoints tried before this one, and why they failed.
+    retried: &'a [String],
+    started: Instant,
+}
+
+/// Copies the app's bytes to the upstream and back until either side ends, then writes the
+/// access line.
+async fn carry(cx: Context<'_>, app: TcpStream, connected: Connected) {
+    let agent = cx.agent;
+    let upstream = cx.upstream;
+    let _load = agent.upstream_load.open(upstream.address);
+    agent
+        .metrics
+        .outbound(upstream.kind.outcome(), upstream.kind.reason());
+    let destination_identity = upstream.workload.as_ref().map(|w| w.identity.clone());
+    let (registration, _never_closed) = agent.connections.register(NewConnection {
+        direction: Direction::Outbound,
+        pod: cx.pod.uid.clone(),
+        transport: upstream.transport(),
+        source_identity: Some(cx.source.identity.clone()),
+        destination_identity: destination_identity.clone(),
+        // The app's socket was redirected to loopback; show it with the pod's own address.
+        source: SocketAddr::new(
+            cx.source.ips.first().copied().unwrap_or(cx.peer.ip()),
+            cx.peer.port(),
+        ),
+        destination: cx.original,
+    });
+    let bytes = registration.bytes();
+    let (result, traceparent) = match connected {
+        Connected::Tunnel {
+            checkout,
+            send,
+            answer,
+            traceparent,
+        } => {
+            let checkout_ref = &checkout;
+            let recv = async move {
+                let answer = match answer {
+                    Answer::Received(stream) => Ok(stream),
+                    Answer::Pending(answer) => answer.await,
+                };
+                answer.map_err(|e| {
+                    if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                        checkout_ref.poison();
+                    }
+                    std::io::Error::other(e)
+                })
+            };
+            let result =
+                copy::copy_bidirectional(app, send, recv, &bytes.from_source, &bytes.to_source)
+                    .await
+                    .map(|_| ());
+            drop(checkout);
+            (result, traceparent)
+        }
+        Connected::Plaintext(mut socket) => {
+            let mut app = app;
+            let result = tokio::io::copy_bidirectional(&mut app, &mut socket)
+                .await
+                .map(|(sent, received)| {
+                    bytes.from_source.fetch_add(sent, Ordering::Relaxed);
+                    bytes.to_source.fetch_add(received, Ordering::Relaxed);
+                });
+            (result, String::new())
+        }
+    };
     let sent = bytes.from_source.load(Ordering::Relaxed);
     let received = bytes.to_source.load(Ordering::Relaxed);
     drop(registration);
-    let (outcome, reason) = match result {
-        Ok(_) => ("closed", String::new()),
+    let (outcome, error) = match result {
+        Ok(()) => (upstream.kind.outcome(), String::new()),
         Err(e) => ("error", e.to_string()),
     };
-    tracing::info!(target: "access", direction = "outbound", src = %source_identity,
-        src_workload = %source.display_name(), dst = %original,
-        dst_workload = %destination.display_name(), dst_identity = %destination.identity,
+    let dst_identity = destination_identity
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    let dst_workload = upstream
+        .workload
+        .as_ref()
+        .map(|w| w.display_name())
+        .unwrap_or_default();
+    tracing::info!(target: "access", direction = "outbound", src = %cx.source.identity,
+        src_workload = %cx.source.display_name(), dst = %cx.original, service = %cx.service,
+        endpoint = %upstream.address, %dst_workload, %dst_identity,
+        transport = ?upstream.transport(), why = %upstream.why,
+        retried = %cx.retried.join("; "),
         bytes_sent = sent, bytes_received = received, %traceparent,
-        duration_ms = started.elapsed().as_millis() as u64, outcome, reason = %reason,
+        duration_ms = cx.started.elapsed().as_millis() as u64, outcome, error = %error,
         "connection closed");
-}
-
-/// Plaintext, from the pod itself: to a destination outside the mesh when the operator chose
-/// passthrough, or to a destination whose mode is DISABLE.
-async fn passthrough(pod: &PodHandle, mut app: TcpStream, original: SocketAddr, why: &str) {
-    let socket = match pod.netns.tcp_socket(original).await {
-        Ok(made) => made.and_then(|s| {
-            s.set_mark(AGENT_MARK)?;
-            Ok(s)
-        }),
-        Err(e) => Err(std::io::Error::other(e)),
-    };
-    let socket = match socket {
-        Ok(socket) => socket,
-        Err(e) => {
-            tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
-                dst = %original, outcome = "failed", reason = %format!("cannot make the plaintext socket: {e}"));
-            return;
-        }
-    };
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    match socket.connect(original).await {
-        Ok(mut upstream) => {
-            let moved = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
-            tracing::info!(target: "access", direction = "outbound", pod = %pod.uid, dst = %original,
-                outcome = "plaintext", reason = why, bytes = ?moved.ok(), "connection closed");
-        }
-        Err(e) => tracing::warn!(target: "access", direction = "outbound", pod = %pod.uid,
-            dst = %original, outcome = "failed", reason = %e),
-    }
 }

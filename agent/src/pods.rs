@@ -155,7 +155,7 @@ impl PodRegistry {
         });
         // Identities follow the workloads the control plane describes.
         let weak = Arc::downgrade(&registry);
-        let mut changes = registry.agent.workloads.subscribe();
+        let mut changes = registry.agent.state.subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let Some(registry) = weak.upgrade() else {
@@ -304,7 +304,7 @@ impl PodRegistry {
         self.agent.redirect.unenroll(pod.handle.netns_cookie);
         let described = self
             .agent
-            .workloads
+            .state
             .by_uid(uid)
             .map(|w| w.ips.clone())
             .unwrap_or_default();
@@ -323,7 +323,7 @@ impl PodRegistry {
         let mut list: Vec<_> = pods
             .values()
             .map(|p| {
-                let workload = self.agent.workloads.by_uid(&p.handle.uid);
+                let workload = self.agent.state.by_uid(&p.handle.uid);
                 PodSummary {
                     uid: p.handle.uid.clone(),
                     netns_path: p.handle.netns.path().display().to_string(),
@@ -433,10 +433,10 @@ impl PodRegistry {
     /// Makes the pods follow what the control plane now says: each holds its workload's
     /// identity, and its inbound capture follows its mTLS mode.
     fn reconcile(&self) {
-        let policy = self.agent.workloads.policy();
+        let policy = self.agent.state.policy();
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
         for pod in pods.values_mut() {
-            let workload = self.agent.workloads.by_uid(&pod.handle.uid);
+            let workload = self.agent.state.by_uid(&pod.handle.uid);
             if let Some(w) = &workload {
                 let mode = policy.mode_for(w, 0);
                 let summary = format!("{} ({})", mode.mode, mode.source);

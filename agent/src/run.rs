@@ -8,10 +8,11 @@ use crate::{
     discovery,
     identity::{GrpcCaClient, IdentityStore},
     limits::{self, TunnelLimits},
-    node::{NodeAgent, UnknownDestination},
+    node::NodeAgent,
     node_api::NodeApi,
     pods::PodRegistry,
     redirect::Redirect,
+    state::OutboundTrafficPolicy,
     tls::{self, TrustBundle},
     tunnel::Pool,
 };
@@ -98,9 +99,12 @@ pub struct AgentConfig {
     /// (`refused_no_space`); no pod's entries are ever evicted by another's.
     #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(16..))]
     pub max_redirected_connections: u32,
-    /// Connections to addresses that are no known workload.
-    #[arg(long, value_enum, default_value_t = UnknownDestination::Refuse)]
-    pub unknown_destination: UnknownDestination,
+    /// This node's override of the mesh's outbound traffic policy (what pods may dial beyond
+    /// the mesh's workloads and Services). Unset: the control plane's setting (ALLOW_ANY
+    /// unless it says REGISTRY_ONLY). REGISTRY_ONLY here keeps this node fail-closed whatever
+    /// the mesh says; external services the control plane lists still pass.
+    #[arg(long, value_enum)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
     /// Addresses of this node that kubelet probes come from: connections from them reach a
     /// local pod's probe ports (from the control plane) without capture, so that probes work
     /// on STRICT pods. Only those ports: any other connection from these addresses is captured
@@ -193,11 +197,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Duration::from_secs(config.cert_lifetime),
         metrics.clone(),
     ));
-    let workloads = Arc::new(discovery::Workloads::default());
+    let state = Arc::new(crate::state::Store::default());
     let agent = Arc::new(NodeAgent {
         node: config.node.clone(),
         redirect,
-        workloads: workloads.clone(),
+        state: state.clone(),
         identities,
         bundle: bundle.clone(),
         tls: tls_settings,
@@ -205,7 +209,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             config.max_streams_per_connection,
             config.tunnel_connections_per_destination,
         ),
-        unknown_destination: config.unknown_destination,
+        outbound_override: config.outbound_traffic_policy,
+        upstream_load: Default::default(),
         connections: Arc::new(crate::connections::LiveConnections::new(metrics.clone())),
         metrics: metrics.clone(),
         limits: config.tunnel_limits(),
@@ -241,7 +246,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::spawn(discovery::follow(
         control_plane,
         config.node.clone(),
-        workloads,
+        state,
         bundle,
         metrics,
     ));

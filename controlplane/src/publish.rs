@@ -34,6 +34,8 @@ impl Published {
                 })
                 .collect(),
             signer_chain_pem: self.trust.signer_chain_pem.clone(),
+            services: self.registry.services.clone(),
+            external_services: self.registry.external_services.clone(),
         }
     }
 }

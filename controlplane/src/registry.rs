@@ -7,7 +7,9 @@
 //! NACK a bad one (naming what is wrong), keeping the policy in force.
 use std::{path::PathBuf, time::Duration};
 
-use meshlet_proto::v1::{AuthorizationPolicy, MeshPolicy, ModeRule, Workload};
+use meshlet_proto::v1::{
+    AuthorizationPolicy, ExternalService, MeshPolicy, ModeRule, Service, Workload,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -19,7 +21,7 @@ pub enum RegistryError {
         source: std::io::Error,
     },
     #[error(
-        "workload file {path} is not valid JSON of the form {{\"workloads\": [...], \"mesh\": {{...}}, \"modes\": [...], \"policies\": [...]}}: {source}"
+        "workload file {path} is not valid JSON of the form {{\"workloads\": [...], \"services\": [...], \"external_services\": [...], \"mesh\": {{...}}, \"modes\": [...], \"policies\": [...]}}: {source}"
     )]
     Parse {
         path: PathBuf,
@@ -57,6 +59,12 @@ pub struct RegistryFile {
     pub modes: Vec<ModeRule>,
     #[serde(default)]
     pub policies: Vec<AuthorizationPolicy>,
+    /// Services (cluster IPs, ports) and their endpoints.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Destinations outside the mesh that REGISTRY_ONLY lets through.
+    #[serde(default)]
+    pub external_services: Vec<ExternalService>,
 }
 
 impl RegistryFile {
@@ -98,6 +106,8 @@ impl RegistryFile {
             mesh: self.mesh,
             modes: self.modes,
             policies: self.policies,
+            services: self.services,
+            external_services: self.external_services,
         }
     }
 }
@@ -110,6 +120,8 @@ pub struct Snapshot {
     pub mesh: MeshPolicy,
     pub modes: Vec<ModeRule>,
     pub policies: Vec<AuthorizationPolicy>,
+    pub services: Vec<Service>,
+    pub external_services: Vec<ExternalService>,
 }
 
 impl Snapshot {
@@ -147,6 +159,7 @@ pub fn watch_file(path: PathBuf) -> Result<watch::Receiver<Snapshot>, RegistryEr
                         workloads = snapshot.workloads.len(),
                         modes = snapshot.modes.len(),
                         policies = snapshot.policies.len(),
+                        services = snapshot.services.len(),
                         "registry changed"
                     );
                     if tx.send(snapshot).is_err() {

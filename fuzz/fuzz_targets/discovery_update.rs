@@ -2,7 +2,7 @@
 //! the first of a stream and then as a later one.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use meshlet_agent::{discovery::StreamPosition, discovery::Workloads, tls::TrustBundle};
+use meshlet_agent::{state::StreamPosition, state::Store as Workloads, tls::TrustBundle};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {

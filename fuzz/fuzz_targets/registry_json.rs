@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use meshlet_agent::{discovery::StreamPosition, discovery::Workloads, tls::TrustBundle};
+use meshlet_agent::{state::StreamPosition, state::Store as Workloads, tls::TrustBundle};
 use meshlet_controlplane::{pki, publish::Published, registry::RegistryFile};
 
 fn trust() -> &'static pki::Trust {

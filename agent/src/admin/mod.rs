@@ -76,7 +76,7 @@ struct CheckQuery {
 }
 
 async fn check(State(state): State<AdminState>, Query(q): Query<CheckQuery>) -> Response {
-    match views::check(&state.agent.workloads, &q.from, &q.to) {
+    match views::check(&state.agent.state, &q.from, &q.to) {
         Ok(view) => Json(view).into_response(),
         Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
     }

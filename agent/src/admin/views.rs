@@ -2,11 +2,11 @@
 use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use crate::{
-    discovery::{WorkloadInfo, Workloads},
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodSummary,
-    policy::{AuthorizationPolicy, Decision, Mode, ModeDecision, Request, Transport},
+    state::policy::{AuthorizationPolicy, Decision, Mode, ModeDecision, Request, Transport},
+    state::{Store, WorkloadInfo},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +55,17 @@ pub struct PortModeView {
 #[derive(Debug, serde::Serialize)]
 pub struct PolicySummary {
     pub name: String,
-    pub action: crate::policy::Action,
+    pub action: crate::state::policy::Action,
     pub dry_run: bool,
     pub rules: usize,
     pub policy: AuthorizationPolicy,
 }
 
 pub fn policies(agent: &NodeAgent, pods: &[PodSummary]) -> PoliciesView {
-    let set = agent.workloads.policy();
+    let set = agent.state.policy();
     let mut workloads = Vec::new();
     for pod in pods {
-        let Some(w) = agent.workloads.by_uid(&pod.uid) else {
+        let Some(w) = agent.state.by_uid(&pod.uid) else {
             continue;
         };
         let mut ports: Vec<u16> = set
@@ -105,7 +105,7 @@ pub fn policies(agent: &NodeAgent, pods: &[PodSummary]) -> PoliciesView {
             .collect();
         let has_allow = selected
             .iter()
-            .any(|p| p.action == crate::policy::Action::Allow && !p.dry_run);
+            .any(|p| p.action == crate::state::policy::Action::Allow && !p.dry_run);
         workloads.push(WorkloadPolicyView {
             pod: pod.uid.clone(),
             workload: w.display_name(),
@@ -122,7 +122,7 @@ pub fn policies(agent: &NodeAgent, pods: &[PodSummary]) -> PoliciesView {
         });
     }
     PoliciesView {
-        version: agent.workloads.version(),
+        version: agent.state.version(),
         mesh_mode: set.mesh_mode,
         default_deny: set.default_deny,
         workloads,
@@ -141,7 +141,7 @@ pub struct CheckView {
     pub decision: Decision,
 }
 
-fn find_workload(workloads: &Workloads, name: &str) -> Option<Arc<WorkloadInfo>> {
+fn find_workload(workloads: &Store, name: &str) -> Option<Arc<WorkloadInfo>> {
     workloads
         .by_name(name)
         .or_else(|| workloads.by_uid(name))
@@ -149,7 +149,7 @@ fn find_workload(workloads: &Workloads, name: &str) -> Option<Arc<WorkloadInfo>>
 }
 
 /// Explains a connection against `workloads` (the agent's, or a config dump's).
-pub fn check(workloads: &Workloads, from: &str, to: &str) -> Result<CheckView, ViewError> {
+pub fn check(workloads: &Store, from: &str, to: &str) -> Result<CheckView, ViewError> {
     let (pod, port) = to
         .rsplit_once(':')
         .ok_or_else(|| ViewError::To(to.into()))?;
@@ -322,9 +322,9 @@ pub struct WorkloadView {
 }
 
 pub fn workloads(agent: &NodeAgent, pods: &[PodSummary]) -> Vec<WorkloadView> {
-    let set = agent.workloads.policy();
+    let set = agent.state.policy();
     agent
-        .workloads
+        .state
         .list()
         .into_iter()
         .map(|w| WorkloadView {
@@ -362,10 +362,10 @@ pub struct ReadinessInputs<'a> {
 impl<'a> ReadinessInputs<'a> {
     pub fn of(agent: &NodeAgent, pods: &'a [PodSummary]) -> Self {
         Self {
-            version: agent.workloads.version(),
-            control_plane_problem: agent.workloads.problem(),
+            version: agent.state.version(),
+            control_plane_problem: agent.state.problem(),
             placed_here: agent
-                .workloads
+                .state
                 .on_node(&agent.node)
                 .iter()
                 .map(|w| w.uid.clone())
@@ -430,7 +430,7 @@ pub fn status(agent: &NodeAgent, pods: &[PodSummary]) -> StatusView {
         node: agent.node.clone(),
         version: env!("CARGO_PKG_VERSION"),
         ready: readiness(&ReadinessInputs::of(agent, pods)),
-        control_plane_version: agent.workloads.version(),
+        control_plane_version: agent.state.version(),
         pods: pods.len(),
         identities: agent.identities.list().len(),
         connections: agent.connections.list().len(),
@@ -458,7 +458,7 @@ pub fn config_dump(agent: &NodeAgent, pods: Vec<PodSummary>) -> ConfigDump {
         certs: certs(agent),
         connections: connections(agent),
         policies: policies(agent, &pods),
-        discovery: agent.workloads.last_update(),
+        discovery: agent.state.last_update(),
         pods,
     }
 }

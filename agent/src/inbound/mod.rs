@@ -7,11 +7,11 @@ use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     connections::{CloseSignal, Direction, NewConnection, Registration},
-    discovery::WorkloadInfo,
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodHandle,
-    policy::{Decision, Request, Transport, Verdict},
+    state::policy::{Decision, Request, Transport, Verdict},
+    state::WorkloadInfo,
 };
 
 pub mod plaintext;
@@ -65,7 +65,7 @@ pub(crate) fn admit(
     source: SocketAddr,
     target: SocketAddr,
 ) -> Option<Admission> {
-    let policy = agent.workloads.policy();
+    let policy = agent.state.policy();
     let decision = policy.decide(&Request {
         transport,
         source_identity,
@@ -174,12 +174,12 @@ fn audit(
 /// Re-checks every live inbound connection against the policy now in force and closes the
 /// ones it denies (or whose destination the control plane no longer describes).
 pub fn reevaluate(agent: &NodeAgent) {
-    let policy = agent.workloads.policy();
+    let policy = agent.state.policy();
     for connection in agent.connections.list() {
         if connection.direction != Direction::Inbound {
             continue;
         }
-        let Some(destination) = agent.workloads.by_uid(&connection.pod) else {
+        let Some(destination) = agent.state.by_uid(&connection.pod) else {
             connection.close("the destination workload is no longer in the mesh".into());
             continue;
         };

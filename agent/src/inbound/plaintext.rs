@@ -9,7 +9,7 @@ use std::{os::fd::AsRawFd, sync::atomic::Ordering};
 use tokio::net::TcpStream;
 
 use super::{admit, Admission};
-use crate::{deliver, node::NodeAgent, pods::PodHandle, policy::Transport, tunnel::copy};
+use crate::{deliver, node::NodeAgent, pods::PodHandle, state::policy::Transport, tunnel::copy};
 
 /// SO_LINGER 0 on a socket that is about to be dropped by the select, so that it resets.
 fn set_zero_linger(fd: std::os::fd::RawFd) {
@@ -41,7 +41,7 @@ pub(crate) async fn handle(
         reset(client);
         return;
     };
-    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+    let Some(local) = agent.state.by_uid(&pod.uid) else {
         tracing::warn!(target: "access", direction = "inbound", transport = "plaintext",
             pod = %pod.uid, src = %peer, dst = %target, outcome = "refused",
             reason = "the control plane has not described this pod yet");

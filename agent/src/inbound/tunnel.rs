@@ -15,7 +15,7 @@ use crate::{
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodHandle,
-    policy::Transport,
+    state::policy::Transport,
     tls,
     tunnel::{copy, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW},
 };
@@ -35,7 +35,7 @@ pub(crate) async fn handle_connection(
     let Some(_permit) = super::slot(&agent, &pod, peer, "tunnel") else {
         return;
     };
-    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+    let Some(local) = agent.state.by_uid(&pod.uid) else {
         tracing::warn!(target: "access", direction = "inbound", pod = %pod.uid, %peer,
             outcome = "refused", reason = "the control plane has not described this pod yet");
         return;
@@ -236,7 +236,7 @@ async fn handle_stream(
             return;
         }
     };
-    let Some(local) = agent.workloads.by_uid(&pod.uid) else {
+    let Some(local) = agent.state.by_uid(&pod.uid) else {
         reply(&mut respond, http::StatusCode::SERVICE_UNAVAILABLE);
         return;
     };

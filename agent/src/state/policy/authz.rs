@@ -419,7 +419,7 @@ mod tests {
     use super::*;
     use crate::{
         identity::SpiffeId,
-        policy::{test_support::workload, Transport},
+        state::policy::{test_support::workload, Transport},
     };
 
     fn policy(name: &str, action: &str, rules: Vec<v1::Rule>) -> v1::AuthorizationPolicy {
@@ -576,6 +576,7 @@ mod tests {
             Some(&v1::MeshPolicy {
                 mode: String::new(),
                 default_deny: true,
+            ..Default::default()
             }),
             &[],
             &[],

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use meshlet_proto::v1;
 
 use super::{check_selector, selects, PolicyError, PolicySet};
-use crate::discovery::WorkloadInfo;
+use crate::state::WorkloadInfo;
 
 /// An mTLS mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -185,7 +185,7 @@ pub(super) fn needs_capture(set: &PolicySet, workload: &WorkloadInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::test_support::workload;
+    use crate::state::policy::test_support::workload;
 
     fn rule(name: &str, namespace: &str, mode: &str, ports: &[(u32, &str)]) -> v1::ModeRule {
         v1::ModeRule {
@@ -254,6 +254,7 @@ mod tests {
         let bad_mesh = v1::MeshPolicy {
             mode: "OFF".into(),
             default_deny: false,
+            ..Default::default()
         };
         assert!(PolicySet::from_proto(Some(&bad_mesh), &[], &[]).is_err());
     }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use meshlet_proto::v1;
 
-use crate::{discovery::WorkloadInfo, identity::SpiffeId};
+use crate::{identity::SpiffeId, state::WorkloadInfo};
 
 pub mod authz;
 pub mod mode;
@@ -214,7 +214,7 @@ fn unique_names<'a>(
 }
 
 /// Whether a label selector (all of its pairs) matches a workload's labels.
-fn selects(selector: &BTreeMap<String, String>, labels: &crate::discovery::Labels) -> bool {
+fn selects(selector: &BTreeMap<String, String>, labels: &crate::state::Labels) -> bool {
     selector
         .iter()
         .all(|(k, v)| labels.get(k) == Some(v.as_str()))
