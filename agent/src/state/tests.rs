@@ -189,3 +189,320 @@ fn the_bundle_changes_only_when_its_roots_or_crls_do() {
     assert_eq!(*revisions.borrow(), 2);
     assert_eq!(bundle.current().domains["cluster.local"].anchors.len(), 2);
 }
+
+mod services {
+    use std::net::SocketAddr;
+
+    use meshlet_proto::v1::{self, Workload};
+    use rand::SeedableRng;
+
+    use super::super::*;
+
+    fn pod(uid: &str, ips: &[&str], node: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: uid.into(),
+            service_account: "api".into(),
+            node: node.into(),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn endpoint(uid: &str, addresses: &[&str], http: u32) -> v1::Endpoint {
+        v1::Endpoint {
+            workload_uid: uid.into(),
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            ports: [("http".to_string(), http)].into(),
+        }
+    }
+
+    /// `api`: 10.96.0.10 and fd00:96::10, port 80 → `http`, three endpoints (one serving
+    /// `http` on 9090), and a v4-only `db` on 5432 with an endpoint outside the mesh.
+    fn mesh() -> v1::DiscoveryResponse {
+        v1::DiscoveryResponse {
+            version: 1,
+            trust_domain: "cluster.local".into(),
+            workloads: vec![
+                pod("api-1", &["10.244.1.2", "fd00:10:244:1::2"], "node-1"),
+                pod("api-2", &["10.244.2.2", "fd00:10:244:2::2"], "node-2"),
+                pod("api-3", &["10.244.2.3", "fd00:10:244:2::3"], "node-2"),
+                pod("web", &["10.244.1.3"], "node-1"),
+            ],
+            services: vec![
+                v1::Service {
+                    namespace: "default".into(),
+                    name: "api".into(),
+                    cluster_ips: vec!["10.96.0.10".into(), "fd00:96::10".into()],
+                    ports: vec![v1::ServicePort {
+                        name: "web".into(),
+                        port: 80,
+                        target_port_name: "http".into(),
+                        ..Default::default()
+                    }],
+                    endpoints: vec![
+                        endpoint("api-1", &["10.244.1.2", "fd00:10:244:1::2"], 8080),
+                        endpoint("api-2", &["10.244.2.2", "fd00:10:244:2::2"], 8080),
+                        endpoint("api-3", &[], 9090),
+                    ],
+                },
+                v1::Service {
+                    namespace: "default".into(),
+                    name: "db".into(),
+                    cluster_ips: vec!["10.96.0.20".into()],
+                    ports: vec![v1::ServicePort {
+                        port: 5432,
+                        ..Default::default()
+                    }],
+                    endpoints: vec![v1::Endpoint {
+                        addresses: vec!["192.0.2.7".into()],
+                        ready: true,
+                        ..Default::default()
+                    }],
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn no_load(_: SocketAddr) -> usize {
+        0
+    }
+
+    fn route(state: &MeshState, to: &str) -> Route {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        state.route(
+            to.parse().expect("address"),
+            &RouteInputs {
+                outbound_override: None,
+                load: &no_load,
+            },
+            &mut rng,
+        )
+    }
+
+    fn upstreams(route: &Route) -> &[Upstream] {
+        match &route.outcome {
+            RouteOutcome::Upstreams(u) => u,
+            RouteOutcome::Refuse { detail, .. } => panic!("refused: {detail}"),
+        }
+    }
+
+    fn refusal(route: &Route) -> &'static str {
+        match &route.outcome {
+            RouteOutcome::Refuse { reason, .. } => reason,
+            RouteOutcome::Upstreams(u) => panic!("not refused: {u:?}"),
+        }
+    }
+
+    #[test]
+    fn a_vip_spreads_over_ready_endpoints_on_their_own_target_ports() {
+        let state = MeshState::from_update(&mesh()).expect("valid");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut picks: HashMap<SocketAddr, usize> = HashMap::new();
+        for _ in 0..300 {
+            let r = state.route(
+                "10.96.0.10:80".parse().expect("vip"),
+                &RouteInputs {
+                    outbound_override: None,
+                    load: &no_load,
+                },
+                &mut rng,
+            );
+            assert_eq!(r.service.as_deref(), Some("default/api"));
+            let u = upstreams(&r);
+            assert_eq!(u.len(), 3, "the pick and two retries");
+            assert!(u.iter().all(|u| u.kind == UpstreamKind::MeshWorkload));
+            *picks.entry(u[0].address).or_default() += 1;
+        }
+        let want: Vec<SocketAddr> = ["10.244.1.2:8080", "10.244.2.2:8080", "10.244.2.3:9090"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect();
+        for address in &want {
+            let n = picks.get(address).copied().unwrap_or(0);
+            assert!(n >= 60, "{address} got {n} of 300: {picks:?}");
+        }
+        assert_eq!(picks.len(), 3);
+        // The v6 cluster IP leads to the endpoints' v6 addresses; a v4-mapped v4 VIP (a
+        // dual-stack socket) is the v4 VIP.
+        let v6 = route(&state, "[fd00:96::10]:80");
+        assert!(upstreams(&v6).iter().all(|u| u.address.is_ipv6()));
+        let mapped = route(&state, "[::ffff:10.96.0.10]:80");
+        assert_eq!(mapped.service.as_deref(), Some("default/api"));
+        assert!(upstreams(&mapped).iter().all(|u| u.address.is_ipv4()));
+    }
+
+    #[test]
+    fn the_less_loaded_of_two_draws_is_picked() {
+        let state = MeshState::from_update(&mesh()).expect("valid");
+        let busy: SocketAddr = "10.244.1.2:8080".parse().expect("addr");
+        let load = |a: SocketAddr| if a == busy { 100 } else { 0 };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..100 {
+            let r = state.route(
+                "10.96.0.10:80".parse().expect("vip"),
+                &RouteInputs {
+                    outbound_override: None,
+                    load: &load,
+                },
+                &mut rng,
+            );
+            assert_ne!(upstreams(&r)[0].address, busy, "the busy endpoint was picked");
+        }
+    }
+
+    #[test]
+    fn only_ready_endpoints_get_new_connections() {
+        let mut update = mesh();
+        let api = &mut update.services[0];
+        api.endpoints[0].ready = false;
+        api.endpoints[1].terminating = true;
+        api.endpoints[1].ready = false;
+        let state = MeshState::from_update(&update).expect("valid");
+        let r = route(&state, "10.96.0.10:80");
+        let u = upstreams(&r);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].address, "10.244.2.3:9090".parse().expect("addr"));
+        assert!(r.steps.iter().any(|s| s.contains("terminating")));
+        // None ready: refused at once, with the reason the access log and metrics use.
+        update.services[0].endpoints[2].ready = false;
+        let state = MeshState::from_update(&update).expect("valid");
+        assert_eq!(refusal(&route(&state, "10.96.0.10:80")), "no_healthy_endpoint");
+        // A port the Service does not have.
+        assert_eq!(refusal(&route(&state, "10.96.0.10:81")), "unknown_service_port");
+    }
+
+    #[test]
+    fn endpoints_outside_the_mesh_and_disabled_workloads_are_dialled_in_plaintext() {
+        let mut update = mesh();
+        update.modes = vec![v1::ModeRule {
+            name: "off".into(),
+            namespace: "default".into(),
+            workload: "api-2".into(),
+            mode: "DISABLE".into(),
+            ..Default::default()
+        }];
+        let state = MeshState::from_update(&update).expect("valid");
+        let db = route(&state, "10.96.0.20:5432");
+        let u = upstreams(&db);
+        assert_eq!(u[0].kind, UpstreamKind::OutsideEndpoint);
+        assert_eq!(u[0].address, "192.0.2.7:5432".parse().expect("addr"));
+        let direct = route(&state, "10.244.2.2:8080");
+        assert_eq!(upstreams(&direct)[0].kind, UpstreamKind::DisabledWorkload);
+        let tunnel = route(&state, "10.244.1.2:8080");
+        assert_eq!(upstreams(&tunnel)[0].kind, UpstreamKind::MeshWorkload);
+        // An endpoint that gives a mesh workload's address but no uid is that workload: never
+        // plaintext because a slice left out the reference.
+        update.services[1].endpoints[0].addresses = vec!["10.244.1.2".into()];
+        let state = MeshState::from_update(&update).expect("valid");
+        let db = route(&state, "10.96.0.20:5432");
+        assert_eq!(upstreams(&db)[0].kind, UpstreamKind::MeshWorkload);
+    }
+
+    #[test]
+    fn egress_follows_the_outbound_traffic_policy() {
+        let mut update = mesh();
+        let state = MeshState::from_update(&update).expect("valid");
+        let out = route(&state, "203.0.113.9:443");
+        assert_eq!(upstreams(&out)[0].kind, UpstreamKind::AllowAny, "ALLOW_ANY is the default");
+        update.mesh = Some(v1::MeshPolicy {
+            outbound_traffic_policy: "REGISTRY_ONLY".into(),
+            ..Default::default()
+        });
+        update.external_services = vec![v1::ExternalService {
+            name: "payments".into(),
+            addresses: vec!["203.0.113.0/24".into()],
+            ports: vec![443],
+        }];
+        let state = MeshState::from_update(&update).expect("valid");
+        assert_eq!(
+            upstreams(&route(&state, "203.0.113.9:443"))[0].kind,
+            UpstreamKind::ExternalService
+        );
+        assert_eq!(refusal(&route(&state, "203.0.113.9:80")), "registry_only");
+        assert_eq!(refusal(&route(&state, "198.51.100.1:443")), "registry_only");
+        // A node's override beats the mesh.
+        let r = state.route(
+            "198.51.100.1:443".parse().expect("addr"),
+            &RouteInputs {
+                outbound_override: Some(OutboundTrafficPolicy::AllowAny),
+                load: &no_load,
+            },
+            &mut rand::thread_rng(),
+        );
+        assert_eq!(upstreams(&r)[0].kind, UpstreamKind::AllowAny);
+    }
+
+    #[test]
+    fn bad_services_are_named() {
+        let cases: Vec<(Box<dyn Fn(&mut v1::DiscoveryResponse)>, &str)> = vec![
+            (
+                Box::new(|u| u.services[0].cluster_ips[0] = "10.96.0.300".into()),
+                "cluster IP \"10.96.0.300\"",
+            ),
+            (
+                Box::new(|u| u.services[1].cluster_ips[0] = "10.244.1.3".into()),
+                "belongs to both default/web and service default/db",
+            ),
+            (
+                Box::new(|u| u.services[1].cluster_ips[0] = "10.96.0.10".into()),
+                "belongs to both service default/api and service default/db",
+            ),
+            (
+                Box::new(|u| u.services[0].ports[0].target_port = 8080),
+                "both 8080 and \"http\"",
+            ),
+            (
+                Box::new(|u| u.services[0].ports[0].target_port_name = "HTTP_".into()),
+                "is not a port name",
+            ),
+            (
+                Box::new(|u| u.services[0].ports[0].protocol = "QUIC".into()),
+                "not TCP, UDP or SCTP",
+            ),
+            (
+                Box::new(|u| u.services[0].endpoints[0].addresses[0] = "10.244.2.2".into()),
+                "is not an address of workload default/api-1",
+            ),
+            (
+                Box::new(|u| {
+                    u.mesh = Some(v1::MeshPolicy {
+                        outbound_traffic_policy: "DENY_ALL".into(),
+                        ..Default::default()
+                    })
+                }),
+                "not ALLOW_ANY or REGISTRY_ONLY",
+            ),
+            (
+                Box::new(|u| {
+                    u.external_services = vec![v1::ExternalService {
+                        name: "x".into(),
+                        addresses: vec!["10.0.0.1/8".into()],
+                        ports: vec![],
+                    }]
+                }),
+                "external service \"x\": address \"10.0.0.1/8\"",
+            ),
+        ];
+        for (break_it, expected) in cases {
+            let mut update = mesh();
+            break_it(&mut update);
+            let error = MeshState::from_update(&update)
+                .expect_err(expected)
+                .to_string();
+            assert!(error.contains(expected), "{error:?} should say {expected:?}");
+        }
+        // An endpoint naming a workload the update does not describe is kept, gets no
+        // connection, and says why.
+        let mut update = mesh();
+        update.services[0].endpoints[0].workload_uid = "gone".into();
+        let state = MeshState::from_update(&update).expect("valid");
+        let api = state.service("default/api").expect("api");
+        assert_eq!(api.endpoints[0].health(), Health::UnknownWorkload);
+    }
+}
