@@ -48,7 +48,7 @@ pub fn check_from_dump(
         )
         .context("the dump's control-plane update does not validate")?;
     Ok(serde_json::to_value(crate::admin::views::check(
-        &workloads, from, to,
+        &workloads, None, from, to,
     )?)?)
 }
 
@@ -232,7 +232,6 @@ pub fn print_policies(view: &serde_json::Value) {
 
 /// `meshlet check`.
 pub fn print_check(view: &serde_json::Value) {
-    let d = &view["decision"];
     let identity = match &view["source_identity"] {
         serde_json::Value::String(s) => s.clone(),
         _ => "no identity".into(),
@@ -243,11 +242,36 @@ pub fn print_check(view: &serde_json::Value) {
         str_of(&view["source_ip"]),
         str_of(&view["transport"])
     );
+    let route = &view["route"];
+    println!(
+        "dial: {}{}",
+        str_of(&route["destination"]),
+        match route["service"].as_str() {
+            Some(s) => format!(" (service {s})"),
+            None => String::new(),
+        }
+    );
+    for (i, step) in route["steps"].as_array().into_iter().flatten().enumerate() {
+        println!("  {}. {}", i + 1, str_of(step));
+    }
+    if let Some(refusal) = route["outcome"].get("refuse") {
+        println!(
+            "verdict: REFUSED by the source's agent ({}) — {}",
+            str_of(&refusal["reason"]),
+            str_of(&refusal["detail"])
+        );
+        return;
+    }
     println!(
         "to:   {} port {}",
         str_of(&view["to"]),
         str_of(&view["port"])
     );
+    let d = &view["decision"];
+    if d.is_null() {
+        println!("verdict: PLAINTEXT, directly — the destination is outside the mesh");
+        return;
+    }
     for (i, step) in d["steps"].as_array().into_iter().flatten().enumerate() {
         println!("  {}. {}", i + 1, str_of(step));
     }
@@ -255,6 +279,94 @@ pub fn print_check(view: &serde_json::Value) {
         "verdict: {} — {}",
         str_of(&d["verdict"]).to_uppercase(),
         str_of(&d["reason"])
+    );
+}
+
+/// `meshlet services`.
+pub fn print_services(v: &serde_json::Value) {
+    let list = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().map(str_of).collect()
+    };
+    let mut rows = Vec::new();
+    for s in v.as_array().into_iter().flatten() {
+        let ports: Vec<String> = s["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let target = match &p["target"] {
+                    serde_json::Value::Object(o) => {
+                        o.values().next().map(str_of).unwrap_or_default()
+                    }
+                    other => str_of(other),
+                };
+                format!(
+                    "{}→{}/{}",
+                    str_of(&p["port"]),
+                    target,
+                    str_of(&p["protocol"])
+                )
+            })
+            .collect();
+        let vips = list(&s["vips"]);
+        let endpoints = s["endpoints"].as_array().cloned().unwrap_or_default();
+        if endpoints.is_empty() {
+            rows.push(vec![
+                str_of(&s["service"]),
+                if vips.is_empty() {
+                    "None (headless)".into()
+                } else {
+                    vips.join(",")
+                },
+                ports.join(","),
+                "-".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for (i, e) in endpoints.iter().enumerate() {
+            let first = i == 0;
+            rows.push(vec![
+                if first {
+                    str_of(&s["service"])
+                } else {
+                    String::new()
+                },
+                if !first {
+                    String::new()
+                } else if vips.is_empty() {
+                    "None (headless)".into()
+                } else {
+                    vips.join(",")
+                },
+                if first {
+                    ports.join(",")
+                } else {
+                    String::new()
+                },
+                str_of(&e["endpoint"]),
+                list(&e["addresses"]).join(","),
+                str_of(&e["health"]),
+                if e["in_mesh"].as_bool().unwrap_or(false) {
+                    str_of(&e["node"])
+                } else {
+                    "(outside the mesh)".into()
+                },
+            ]);
+        }
+    }
+    print_table(
+        &[
+            "SERVICE",
+            "CLUSTER IPS",
+            "PORTS",
+            "ENDPOINT",
+            "ADDRESSES",
+            "HEALTH",
+            "NODE",
+        ],
+        &rows,
     );
 }
 

@@ -45,6 +45,11 @@ enum Command {
         #[command(flatten)]
         view: ViewArgs,
     },
+    /// The mesh's Services: cluster IPs, ports, endpoints with their health and node.
+    Services {
+        #[command(flatten)]
+        view: ViewArgs,
+    },
     /// This node's identities: serial, validity, rotation, issuer chain, state.
     Certs {
         #[command(subcommand)]
@@ -72,7 +77,8 @@ enum Command {
         /// The source: a pod (namespace/name or uid), a SPIFFE ID, or an IP address.
         #[arg(long)]
         from: String,
-        /// The destination: <pod>:<port>.
+        /// The destination: <pod>:<port> (pod: namespace/name, a uid or an IP; [v6]:port),
+        /// <cluster-ip>:<port>, or svc/<namespace>/<name>:<port>.
         #[arg(long)]
         to: String,
         #[command(flatten)]
@@ -182,6 +188,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Workloads { view } => {
             view.show("/workloads", Some("workloads"), cli::print_workloads)
+                .await
+        }
+        Command::Services { view } => {
+            view.show("/services", Some("services"), cli::print_services)
                 .await
         }
         Command::Certs {

@@ -51,6 +51,7 @@ pub async fn serve(
         .route("/certs/verify", post(verify_chain))
         .route("/policies", get(policies))
         .route("/check", get(check))
+        .route("/services", get(services))
         .route("/connections", get(connections))
         .route("/healthz/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -76,10 +77,19 @@ struct CheckQuery {
 }
 
 async fn check(State(state): State<AdminState>, Query(q): Query<CheckQuery>) -> Response {
-    match views::check(&state.agent.state, &q.from, &q.to) {
+    match views::check(
+        &state.agent.state,
+        state.agent.outbound_override,
+        &q.from,
+        &q.to,
+    ) {
         Ok(view) => Json(view).into_response(),
         Err(e) => problem(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+async fn services(State(state): State<AdminState>) -> Json<Vec<views::ServiceView>> {
+    Json(views::services(&state.agent.state))
 }
 
 async fn connections(State(state): State<AdminState>) -> Json<Vec<views::ConnectionView>> {
@@ -94,7 +104,8 @@ const ENDPOINTS: &[&str] = &[
     "POST /certs/verify (body: a PEM chain, leaf first)",
     "/connections",
     "/policies",
-    "/check?from=<pod|spiffe-id|ip>&to=<pod>:<port>",
+    "/services",
+    "/check?from=<pod|spiffe-id|ip>&to=<pod|ip|svc/ns/name>:<port>",
     "/healthz/ready",
     "/metrics",
     "POST /logging?level=<filter>",

@@ -1,20 +1,30 @@
 //! What the admin API shows: plain serializable views built from the agent's state.
-use std::{net::IpAddr, sync::Arc, time::SystemTime};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use crate::{
     identity::SpiffeId,
     node::NodeAgent,
     pods::PodSummary,
     state::policy::{AuthorizationPolicy, Decision, Mode, ModeDecision, Request, Transport},
-    state::{Store, WorkloadInfo},
+    state::{
+        MeshState, OutboundTrafficPolicy, Route, RouteInputs, RouteOutcome, Store, WorkloadInfo,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("--to {0:?} must be <pod>:<port>, where pod is namespace/name, a pod uid or an IP")]
+    #[error("--to {0:?} must be <pod>:<port> (pod: namespace/name, a uid or an IP; [v6]:port) or svc/<namespace>/<name>:<port>")]
     To(String),
     #[error("no workload {0:?} in the mesh (try `meshlet workloads`)")]
     UnknownWorkload(String),
+    #[error("no service {0:?} in the mesh (try `meshlet services`)")]
+    UnknownService(String),
+    #[error("service {0:?} is headless (no cluster IP): check one of its endpoints, <pod>:<port>")]
+    Headless(String),
     #[error("--from {0:?} is not a pod (namespace/name or uid), a SPIFFE ID or an IP address")]
     From(String),
     #[error("--from {value:?}: {source}")]
@@ -129,28 +139,39 @@ pub fn policies(agent: &NodeAgent, pods: &[PodSummary]) -> PoliciesView {
     }
 }
 
-/// `meshlet check`: how a connection would be decided, without sending it.
+/// `meshlet check`: where a connection would go and how it would be decided there, without
+/// sending it.
 #[derive(Debug, serde::Serialize)]
 pub struct CheckView {
     pub from: String,
     pub source_identity: Option<String>,
     pub source_ip: Option<IpAddr>,
+    /// The route the source's agent would take: the same decision the outbound path makes.
+    pub route: Route,
+    /// The destination workload of the route's pick (empty outside the mesh).
     pub to: String,
+    /// The port at the destination (a Service port mapped to its endpoint's target port).
     pub port: u16,
     pub transport: Transport,
-    pub decision: Decision,
+    /// The destination's decision (mode and authorization), when the pick is a mesh workload.
+    pub decision: Option<Decision>,
 }
 
-fn find_workload(workloads: &Store, name: &str) -> Option<Arc<WorkloadInfo>> {
-    workloads
+fn find_workload(state: &MeshState, name: &str) -> Option<Arc<WorkloadInfo>> {
+    state
         .by_name(name)
-        .or_else(|| workloads.by_uid(name))
-        .or_else(|| name.parse().ok().and_then(|ip| workloads.by_ip(ip)))
+        .or_else(|| state.by_uid(name))
+        .or_else(|| name.parse().ok().and_then(|ip| state.by_ip(ip)))
+        .cloned()
 }
 
-/// Explains a connection against `workloads` (the agent's, or a config dump's).
-pub fn check(workloads: &Store, from: &str, to: &str) -> Result<CheckView, ViewError> {
-    let (pod, port) = to
+/// Where `--to` points: `svc/<ns>/<name>:<port>` (the Service's first cluster IP), `<ip>:<port>`
+/// (a workload, a cluster IP or an address outside the mesh) or `<pod>:<port>`.
+fn check_destination(state: &MeshState, to: &str) -> Result<SocketAddr, ViewError> {
+    if let Ok(address) = to.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let (target, port) = to
         .rsplit_once(':')
         .ok_or_else(|| ViewError::To(to.into()))?;
     let port: u16 = port
@@ -158,9 +179,41 @@ pub fn check(workloads: &Store, from: &str, to: &str) -> Result<CheckView, ViewE
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ViewError::To(to.into()))?;
-    let destination =
-        find_workload(workloads, pod).ok_or_else(|| ViewError::UnknownWorkload(pod.into()))?;
-    let set = workloads.policy();
+    if let Some(name) = target.strip_prefix("svc/") {
+        let service = state
+            .service(name)
+            .ok_or_else(|| ViewError::UnknownService(name.into()))?;
+        let vip = service
+            .vips
+            .first()
+            .ok_or_else(|| ViewError::Headless(name.into()))?;
+        return Ok(SocketAddr::new(*vip, port));
+    }
+    if let Ok(ip) = target.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let workload =
+        find_workload(state, target).ok_or_else(|| ViewError::UnknownWorkload(target.into()))?;
+    let ip = workload
+        .ips
+        .first()
+        .ok_or_else(|| ViewError::UnknownWorkload(target.into()))?;
+    Ok(SocketAddr::new(*ip, port))
+}
+
+/// Explains a connection against `store` (the agent's, or a config dump's): the route the
+/// outbound path would take ([`MeshState::route`], the same call), then the destination's
+/// decision ([`PolicySet::decide`](crate::state::policy::PolicySet::decide), the same call
+/// the inbound path makes).
+pub fn check(
+    store: &Store,
+    outbound_override: Option<OutboundTrafficPolicy>,
+    from: &str,
+    to: &str,
+) -> Result<CheckView, ViewError> {
+    let state = store.current();
+    let destination = check_destination(&state, to)?;
+    let set = state.policy.clone();
     // The source: a mesh workload (its identity and address), a bare identity, or an address
     // (a mesh workload's, or one outside the mesh: plaintext).
     let (label, identity, ip): (String, Option<SpiffeId>, Option<IpAddr>) =
@@ -170,7 +223,7 @@ pub fn check(workloads: &Store, from: &str, to: &str) -> Result<CheckView, ViewE
                 source,
             })?;
             (from.to_string(), Some(id), None)
-        } else if let Some(w) = find_workload(workloads, from) {
+        } else if let Some(w) = find_workload(&state, from) {
             (
                 w.display_name(),
                 Some(w.identity.clone()),
@@ -181,30 +234,117 @@ pub fn check(workloads: &Store, from: &str, to: &str) -> Result<CheckView, ViewE
         } else {
             return Err(ViewError::From(from.into()));
         };
-    // A mesh source talks plaintext to a DISABLE destination: that is what would arrive.
-    let disabled = set.mode_for(&destination, port).mode == Mode::Disable;
-    let transport = if identity.is_some() && !disabled {
-        Transport::Mtls
-    } else {
-        Transport::Plaintext
+    // No load: an explanation shows the candidates, not today's pick.
+    let route = state.route(
+        destination,
+        &RouteInputs {
+            outbound_override,
+            load: &|_| 0,
+        },
+        &mut rand::thread_rng(),
+    );
+    let pick = match &route.outcome {
+        RouteOutcome::Upstreams(upstreams) => upstreams.first().cloned(),
+        RouteOutcome::Refuse { .. } => None,
     };
-    let source_identity = (transport == Transport::Mtls).then_some(identity).flatten();
-    let decision = set.decide(&Request {
-        transport,
-        source_identity: source_identity.as_ref(),
-        source_ip: ip,
-        destination: &destination,
-        port,
-    });
+    let port = pick
+        .as_ref()
+        .map(|u| u.address.port())
+        .unwrap_or(destination.port());
+    let (to, transport, decision) = match pick
+        .as_ref()
+        .and_then(|u| u.workload.clone().map(|w| (u, w)))
+    {
+        Some((upstream, workload)) => {
+            // A mesh source's agent tunnels unless the route says plaintext (DISABLE); a
+            // source outside the mesh arrives in plaintext.
+            let transport = if identity.is_some() {
+                upstream.transport()
+            } else {
+                Transport::Plaintext
+            };
+            let source_identity = (transport == Transport::Mtls)
+                .then_some(identity.as_ref())
+                .flatten();
+            let decision = set.decide(&Request {
+                transport,
+                source_identity,
+                source_ip: ip,
+                destination: &workload,
+                port,
+            });
+            (workload.display_name(), transport, Some(decision))
+        }
+        None => (
+            pick.as_ref()
+                .map(|u| u.address.to_string())
+                .unwrap_or_default(),
+            Transport::Plaintext,
+            None,
+        ),
+    };
+    let source_identity = (transport == Transport::Mtls)
+        .then(|| identity.map(|i| i.to_string()))
+        .flatten();
     Ok(CheckView {
         from: label,
-        source_identity: source_identity.map(|i| i.to_string()),
+        source_identity,
         source_ip: ip,
-        to: destination.display_name(),
+        route,
+        to,
         port,
         transport,
         decision,
     })
+}
+
+/// `meshlet services`: each Service with its cluster IPs, ports and endpoints.
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceView {
+    pub service: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<crate::state::ServicePort>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointView {
+    /// `namespace/name` of the workload, or the address of an endpoint outside the mesh.
+    pub endpoint: String,
+    pub addresses: Vec<IpAddr>,
+    pub health: crate::state::Health,
+    /// The workload's node; empty outside the mesh.
+    pub node: String,
+    pub in_mesh: bool,
+    pub ports: std::collections::BTreeMap<String, u16>,
+}
+
+pub fn services(store: &Store) -> Vec<ServiceView> {
+    store
+        .services()
+        .iter()
+        .map(|s| ServiceView {
+            service: s.display_name(),
+            vips: s.vips.clone(),
+            ports: s.ports.clone(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    endpoint: e.display_name(),
+                    addresses: e.addresses.clone(),
+                    health: e.health(),
+                    node: e
+                        .workload
+                        .as_ref()
+                        .map(|w| w.node.clone())
+                        .unwrap_or_default(),
+                    in_mesh: e.workload.is_some(),
+                    ports: e.ports.clone(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// One live connection.
@@ -446,6 +586,7 @@ pub struct ConfigDump {
     pub certs: Vec<CertView>,
     pub connections: Vec<ConnectionView>,
     pub policies: PoliciesView,
+    pub services: Vec<ServiceView>,
     pub pods: Vec<PodSummary>,
     /// The control-plane update in force, as received.
     pub discovery: Option<meshlet_proto::v1::DiscoveryResponse>,
@@ -458,6 +599,7 @@ pub fn config_dump(agent: &NodeAgent, pods: Vec<PodSummary>) -> ConfigDump {
         certs: certs(agent),
         connections: connections(agent),
         policies: policies(agent, &pods),
+        services: services(&agent.state),
         discovery: agent.state.last_update(),
         pods,
     }

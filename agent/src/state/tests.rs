@@ -352,7 +352,11 @@ mod services {
                 },
                 &mut rng,
             );
-            assert_ne!(upstreams(&r)[0].address, busy, "the busy endpoint was picked");
+            assert_ne!(
+                upstreams(&r)[0].address,
+                busy,
+                "the busy endpoint was picked"
+            );
         }
     }
 
@@ -372,9 +376,15 @@ mod services {
         // None ready: refused at once, with the reason the access log and metrics use.
         update.services[0].endpoints[2].ready = false;
         let state = MeshState::from_update(&update).expect("valid");
-        assert_eq!(refusal(&route(&state, "10.96.0.10:80")), "no_healthy_endpoint");
+        assert_eq!(
+            refusal(&route(&state, "10.96.0.10:80")),
+            "no_healthy_endpoint"
+        );
         // A port the Service does not have.
-        assert_eq!(refusal(&route(&state, "10.96.0.10:81")), "unknown_service_port");
+        assert_eq!(
+            refusal(&route(&state, "10.96.0.10:81")),
+            "unknown_service_port"
+        );
     }
 
     #[test]
@@ -409,7 +419,11 @@ mod services {
         let mut update = mesh();
         let state = MeshState::from_update(&update).expect("valid");
         let out = route(&state, "203.0.113.9:443");
-        assert_eq!(upstreams(&out)[0].kind, UpstreamKind::AllowAny, "ALLOW_ANY is the default");
+        assert_eq!(
+            upstreams(&out)[0].kind,
+            UpstreamKind::AllowAny,
+            "ALLOW_ANY is the default"
+        );
         update.mesh = Some(v1::MeshPolicy {
             outbound_traffic_policy: "REGISTRY_ONLY".into(),
             ..Default::default()
@@ -495,7 +509,10 @@ mod services {
             let error = MeshState::from_update(&update)
                 .expect_err(expected)
                 .to_string();
-            assert!(error.contains(expected), "{error:?} should say {expected:?}");
+            assert!(
+                error.contains(expected),
+                "{error:?} should say {expected:?}"
+            );
         }
         // An endpoint naming a workload the update does not describe is kept, gets no
         // connection, and says why.

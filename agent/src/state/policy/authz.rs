@@ -576,7 +576,7 @@ mod tests {
             Some(&v1::MeshPolicy {
                 mode: String::new(),
                 default_deny: true,
-            ..Default::default()
+                ..Default::default()
             }),
             &[],
             &[],
