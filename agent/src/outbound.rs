@@ -124,6 +124,8 @@ pub(crate) async fn handle(
             tracing::warn!(target: "access", direction = "outbound", src = %source.identity,
                 src_workload = %source.display_name(), dst = %original, %service,
                 outcome = "refused", reason, %detail);
+            // A reset, as a refused connect would give: the app fails at once, not on a read.
+            let _ = app.set_zero_linger();
             return;
         }
     };
@@ -174,6 +176,7 @@ pub(crate) async fn handle(
         }
     }
     agent.metrics.outbound("failed", "unreachable");
+    let _ = app.set_zero_linger();
     tracing::warn!(target: "access", direction = "outbound", src = %source.identity,
         src_workload = %source.display_name(), dst = %original, %service, outcome = "failed",
         reason = %failures.join("; "));

@@ -1,7 +1,7 @@
 //! Bringing the lab up and down, running commands in pods, talking to the agents.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -34,6 +34,9 @@ pub struct LabOptions {
     pub cert_lifetime: u64,
     /// Extra arguments for the control plane (e.g. `--max-cert-lifetime`).
     pub controlplane_args: Vec<String>,
+    /// Pods get an IPv6 address (fd00:10:244:<node>::<n>) beside their IPv4 one, and nodes
+    /// route both families.
+    pub dual_stack: bool,
 }
 
 impl LabOptions {
@@ -44,6 +47,7 @@ impl LabOptions {
             agent_args: Vec::new(),
             cert_lifetime: 3600,
             controlplane_args: Vec::new(),
+            dual_stack: false,
         }
     }
 }
@@ -163,6 +167,7 @@ impl Lab {
             controlplane_socket: state_path("controlplane.sock").display().to_string(),
             controlplane_log: state_path("logs/controlplane.log").display().to_string(),
             workloads_file: state_path("workloads.json").display().to_string(),
+            dual_stack: options.dual_stack,
             ..Default::default()
         };
         for (i, node) in node_names.iter().enumerate() {
@@ -170,6 +175,9 @@ impl Lab {
             let ns = format!("{NAME_PREFIX}{node}");
             netns::create(&ns)?;
             netns::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+            if options.dual_stack {
+                prepare_ipv6(&ns, true)?;
+            }
             let cg = cgroup::node_dir(node);
             cgroup::create(&cg)?;
             topo.nodes.push(NodeInfo {
@@ -177,6 +185,10 @@ impl Lab {
                 netns: ns,
                 link_ip: Ipv4Addr::new(10, 99, 0, n),
                 pod_cidr: format!("10.244.{n}.0/24"),
+                link_ip6: options
+                    .dual_stack
+                    .then(|| Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, u16::from(n))),
+                pod_cidr6: options.dual_stack.then(|| format!("fd00:10:244:{n}::/64")),
                 cgroup: cg.display().to_string(),
                 bpf_pin_dir: Path::new(BPF_ROOT).join(node).display().to_string(),
                 agent_socket: state_path(&format!("{node}/agent.sock"))
@@ -197,9 +209,24 @@ impl Lab {
                 + 1;
             let host = next_host.entry(spec.node.clone()).or_insert(2);
             let ip = Ipv4Addr::new(10, 244, node_index, *host);
+            let ip6 = options.dual_stack.then(|| {
+                Ipv6Addr::new(
+                    0xfd00,
+                    0x10,
+                    0x244,
+                    u16::from(node_index),
+                    0,
+                    0,
+                    0,
+                    u16::from(*host),
+                )
+            });
             *host += 1;
             let ns = format!("{NAME_PREFIX}{}", spec.name);
             let netns_path = netns::create(&ns)?;
+            if options.dual_stack {
+                prepare_ipv6(&ns, false)?;
+            }
             let cg = cgroup::pod_dir(&spec.node, &spec.name);
             cgroup::create(&cg)?;
             topo.pods.push(PodInfo {
@@ -213,6 +240,7 @@ impl Lab {
                     options.trust_domain, spec.namespace, spec.service_account
                 ),
                 ip,
+                ip6,
                 netns: ns,
                 netns_path: netns_path.display().to_string(),
                 cgroup: cg.display().to_string(),
@@ -673,6 +701,24 @@ fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// IPv6 in a lab netns: addresses usable at once (no duplicate address detection: the lab
+/// makes every address itself), and forwarding on nodes.
+fn prepare_ipv6(netns: &str, node: bool) -> anyhow::Result<()> {
+    for scope in ["all", "default"] {
+        netns::sysctl(netns, &format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+        if node {
+            netns::sysctl(netns, &format!("net.ipv6.conf.{scope}.forwarding"), "1")?;
+        }
+    }
+    Ok(())
+}
+
+/// A pod's IPv6 gateway: `::1` of its node's range.
+fn gateway6(ip6: Ipv6Addr) -> Ipv6Addr {
+    let s = ip6.segments();
+    Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1)
+}
+
 /// Links, addresses and routes for the whole topology.
 async fn wire(topo: &Topology) -> anyhow::Result<()> {
     for node in &topo.nodes {
@@ -695,6 +741,16 @@ async fn wire(topo: &Topology) -> anyhow::Result<()> {
         };
         net::route_via(&ha, cidr(b)?, 24, b.link_ip).await?;
         net::route_via(&hb, cidr(a)?, 24, a.link_ip).await?;
+        if let (Some(a6), Some(b6)) = (a.link_ip6, b.link_ip6) {
+            net::address(&ha, a_if, a6, 64).await?;
+            net::address(&hb, b_if, b6, 64).await?;
+            let cidr6 = |n: &NodeInfo| -> anyhow::Result<Ipv6Addr> {
+                let cidr = n.pod_cidr6.as_deref().context("pod_cidr6")?;
+                Ok(cidr.split('/').next().context("cidr")?.parse()?)
+            };
+            net::route_via(&ha, cidr6(b)?, 64, b6).await?;
+            net::route_via(&hb, cidr6(a)?, 64, a6).await?;
+        }
     }
     for pod in &topo.pods {
         let node = topo.node(&pod.node).context("pod node")?;
@@ -717,6 +773,14 @@ async fn wire(topo: &Topology) -> anyhow::Result<()> {
         net::up(&hp, "eth0").await?;
         net::route_dev(&hp, gateway, 32, "eth0").await?;
         net::route_via(&hp, Ipv4Addr::UNSPECIFIED, 0, gateway).await?;
+        if let Some(ip6) = pod.ip6 {
+            let gateway6 = gateway6(ip6);
+            net::address(&hn, &node_if, gateway6, 128).await?;
+            net::route_dev(&hn, ip6, 128, &node_if).await?;
+            net::address(&hp, "eth0", ip6, 128).await?;
+            net::route_dev(&hp, gateway6, 128, "eth0").await?;
+            net::route_via(&hp, Ipv6Addr::UNSPECIFIED, 0, gateway6).await?;
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Links, addresses and routes, through netlink (rtnetlink), in named netns.
-use std::{net::Ipv4Addr, os::fd::AsRawFd};
+use std::{net::IpAddr, os::fd::AsRawFd};
 
 use anyhow::Context;
 use futures::TryStreamExt;
@@ -85,11 +85,17 @@ pub async fn veth(
     Ok(())
 }
 
-pub async fn address(handle: &Handle, link: &str, ip: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+pub async fn address(
+    handle: &Handle,
+    link: &str,
+    ip: impl Into<IpAddr>,
+    prefix: u8,
+) -> anyhow::Result<()> {
+    let ip = ip.into();
     let index = index(handle, link).await?;
     handle
         .address()
-        .add(index, ip.into(), prefix)
+        .add(index, ip, prefix)
         .execute()
         .await
         .with_context(|| format!("adding {ip}/{prefix} to {link}"))
@@ -98,13 +104,15 @@ pub async fn address(handle: &Handle, link: &str, ip: Ipv4Addr, prefix: u8) -> a
 /// `ip route add DST/PREFIX dev LINK scope link`.
 pub async fn route_dev(
     handle: &Handle,
-    dst: Ipv4Addr,
+    dst: impl Into<IpAddr>,
     prefix: u8,
     link: &str,
 ) -> anyhow::Result<()> {
+    let dst = dst.into();
     let index = index(handle, link).await?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+    let route = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst, prefix)
+        .with_context(|| format!("route {dst}/{prefix}"))?
         .output_interface(index)
         .scope(RouteScope::Link)
         .build();
@@ -119,13 +127,16 @@ pub async fn route_dev(
 /// `ip route add DST/PREFIX via GW`.
 pub async fn route_via(
     handle: &Handle,
-    dst: Ipv4Addr,
+    dst: impl Into<IpAddr>,
     prefix: u8,
-    gateway: Ipv4Addr,
+    gateway: impl Into<IpAddr>,
 ) -> anyhow::Result<()> {
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+    let (dst, gateway) = (dst.into(), gateway.into());
+    let route = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst, prefix)
+        .with_context(|| format!("route {dst}/{prefix}"))?
         .gateway(gateway)
+        .with_context(|| format!("gateway {gateway}"))?
         .build();
     handle
         .route()

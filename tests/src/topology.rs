@@ -1,5 +1,5 @@
 //! What the lab builds: nodes, pods, addresses; saved as JSON for `lab status` and the tests.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,11 @@ pub struct NodeInfo {
     /// Address on the node-to-node link.
     pub link_ip: Ipv4Addr,
     pub pod_cidr: String,
+    /// Dual-stack labs: the node's IPv6 link address and pod range.
+    #[serde(default)]
+    pub link_ip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub pod_cidr6: Option<String>,
     pub cgroup: String,
     pub bpf_pin_dir: String,
     pub agent_socket: String,
@@ -61,11 +66,23 @@ pub struct PodInfo {
     pub service_account: String,
     pub identity: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in a dual-stack lab.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     pub netns: String,
     pub netns_path: String,
     pub cgroup: String,
     pub enrolled: bool,
     pub registered: bool,
+}
+
+impl PodInfo {
+    /// The pod's addresses: IPv4, then IPv6 in a dual-stack lab.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip))
+            .chain(self.ip6.map(IpAddr::V6))
+            .collect()
+    }
 }
 
 /// The whole lab.
@@ -79,6 +96,9 @@ pub struct Topology {
     pub controlplane_socket: String,
     pub controlplane_log: String,
     pub workloads_file: String,
+    /// Pods and nodes have IPv6 addresses and routes too.
+    #[serde(default)]
+    pub dual_stack: bool,
 }
 
 impl Topology {
@@ -100,7 +120,8 @@ impl Topology {
                 serde_json::json!({
                     "uid": p.uid, "namespace": p.namespace, "name": p.name,
                     "service_account": p.service_account, "node": p.node,
-                    "ips": [p.ip.to_string()], "labels": {"app": p.name},
+                    "ips": p.ips().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "labels": {"app": p.name},
                 })
             })
             .collect();

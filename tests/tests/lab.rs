@@ -1,105 +1,12 @@
 //! End-to-end tests in the lab: real network namespaces, real eBPF, real agents. Root only;
 //! run one at a time (`cargo xtask test` does).
-use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use meshlet_lab::{lab, PodSpec};
 use meshlet_proto::v1::AddPodRequest;
 
 mod common;
-use common::{send, up, Server, AGENT_MARK};
-
-/// Raw frames seen on one interface of a netns (AF_PACKET), until stopped.
-struct Capture {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
-}
-
-impl Capture {
-    fn start(netns: &str, interface: &str) -> Self {
-        let iface = interface.to_string();
-        let fd: OwnedFd = meshlet_lab::netns::run_in(netns, move || {
-            let name = std::ffi::CString::new(iface)?;
-            // SAFETY: plain libc calls with valid arguments; the fd is owned right away.
-            unsafe {
-                let index = libc::if_nametoindex(name.as_ptr());
-                anyhow::ensure!(index != 0, "no interface");
-                let proto = (libc::ETH_P_ALL as u16).to_be();
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-                anyhow::ensure!(
-                    fd >= 0,
-                    "AF_PACKET socket: {}",
-                    std::io::Error::last_os_error()
-                );
-                let fd = OwnedFd::from_raw_fd(fd);
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = proto;
-                addr.sll_ifindex = index as i32;
-                let rc = libc::bind(
-                    fd.as_raw_fd(),
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                anyhow::ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
-                let tv = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 100_000,
-                };
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-                Ok(fd)
-            }
-        })
-        .expect("capture socket");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut frames = Vec::new();
-            let mut buf = vec![0u8; 70_000];
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !flag.load(Ordering::Relaxed)
-                && Instant::now() < deadline
-                && frames.len() < 200_000
-            {
-                // SAFETY: reading into a buffer of the size passed.
-                let n =
-                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n > 0 {
-                    frames.push(buf[..n as usize].to_vec());
-                }
-            }
-            frames
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> Vec<Vec<u8>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
+use common::{contains, send, up, Capture, Server, AGENT_MARK};
 
 fn mesh_pods() -> Vec<PodSpec> {
     vec![
@@ -256,6 +163,14 @@ fn unknown_destinations_are_refused_and_pod_sockets_with_the_agent_mark_are_stil
     ghost.registered = false;
     pods.push(ghost);
     let lab = up(&pods);
+    // A mesh that lets nothing out but what it lists (ALLOW_ANY, the default, is tested with
+    // Services).
+    common::write_policy(
+        &lab,
+        serde_json::json!({"mesh": {"outbound_traffic_policy": "REGISTRY_ONLY"}}),
+        2,
+        false,
+    );
     let ext = lab.topology.pod("ext").expect("ext").clone();
     let ghost = lab.topology.pod("ghost").expect("ghost").clone();
     let ext_server = Server::start(&lab, "ext", 9090);
@@ -277,9 +192,7 @@ fn unknown_destinations_are_refused_and_pod_sockets_with_the_agent_mark_are_stil
         ext_server.accepted(Duration::from_millis(300)).is_empty(),
         "ext got plaintext"
     );
-    assert!(lab
-        .agent_log("node-1")
-        .contains("destination is not a known workload"));
+    assert!(lab.agent_log("node-1").contains("reason=\"registry_only\""));
 
     // A pod process that sets the agent's mark on its socket (root in the pod can) is still
     // redirected, and so refused like above: the redirect knows the agent by its cgroup, not

@@ -16,7 +16,8 @@ fn usage() -> ! {
          meshlet-lab-probe hold-server PORT MAX TIMEOUT_SECS\n  \
          meshlet-lab-probe hold IP:PORT COUNT SECS\n  \
          meshlet-lab-probe ping IP:PORT SECS\n  \
-         meshlet-lab-probe bind PORT"
+         meshlet-lab-probe bind PORT\n  \
+         meshlet-lab-probe many IP:PORT COUNT"
     );
     std::process::exit(2)
 }
@@ -30,6 +31,7 @@ fn main() {
         Some("hold") => hold(&args[1..]),
         Some("ping") => ping(&args[1..]),
         Some("bind") => bind(&args[1..]),
+        Some("many") => many(&args[1..]),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -278,5 +280,66 @@ fn bind(args: &[String]) -> std::io::Result<()> {
     socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
     socket.listen(1)?;
     println!("BOUND {port}");
+    Ok(())
+}
+
+/// COUNT connections one after another, each a 64-byte request and its echo; reports how many
+/// worked, the peers the app saw (`getpeername`) and the first errors, as JSON.
+fn many(args: &[String]) -> std::io::Result<()> {
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let count: usize = args
+        .get(1)
+        .and_then(|c| c.parse().ok())
+        .filter(|c| *c <= 100_000)
+        .unwrap_or_else(|| usage());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    let mut errors: Vec<String> = Vec::new();
+    let mut peers = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        let one = || -> std::io::Result<SocketAddr> {
+            let mut stream = connect(to, None)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let peer = stream.peer_addr()?;
+            // PROBE_FILL=TEXT sends TEXT (for plaintext-capture tests), else 64 bytes.
+            let request: Vec<u8> = match std::env::var("PROBE_FILL") {
+                Ok(fill) if !fill.is_empty() => format!("{fill}-{i}").into_bytes(),
+                _ => (0..64).map(|b| (b as u8) ^ (i as u8)).collect(),
+            };
+            stream.write_all(&request)?;
+            stream.shutdown(Shutdown::Write)?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            if answer != request {
+                return Err(std::io::Error::other(format!(
+                    "echo of {} bytes did not match",
+                    answer.len()
+                )));
+            }
+            Ok(peer)
+        };
+        match one() {
+            Ok(peer) => {
+                ok += 1;
+                *peers.entry(peer.to_string()).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                if errors.len() < 5 {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "ok": ok, "failed": failed, "peers": peers, "errors": errors })
+    );
     Ok(())
 }

@@ -2,8 +2,13 @@
 #![allow(dead_code)]
 use std::{
     io::{BufRead, BufReader, Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -22,6 +27,29 @@ pub fn up(pods: &[PodSpec]) -> Lab {
     Lab::up(pods, &LabOptions::new(bin_dir())).expect("lab up")
 }
 
+/// A lab whose pods have an IPv6 address beside their IPv4 one.
+pub fn up_dual_stack(pods: &[PodSpec]) -> Lab {
+    let mut options = LabOptions::new(bin_dir());
+    options.dual_stack = true;
+    Lab::up(pods, &options).expect("dual-stack lab up")
+}
+
+/// Runs `probe many TO COUNT` in `pod`: COUNT request/echo connections one after another.
+pub fn many(lab: &Lab, pod: &str, to: &str, count: usize, fill: Option<&str>) -> serde_json::Value {
+    let mut cmd = lab.command_in(pod, PROBE).expect("command");
+    cmd.args(["many", to, &count.to_string()]);
+    if let Some(fill) = fill {
+        cmd.env("PROBE_FILL", fill);
+    }
+    let out = cmd.output().expect("probe many");
+    assert!(
+        out.status.success(),
+        "probe many: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("probe many report")
+}
+
 /// An echo server in a pod; `finish` returns the peers it accepted.
 pub struct Server {
     child: Child,
@@ -35,9 +63,15 @@ impl Server {
 
     /// A server for at most `max` connections and `secs` seconds.
     pub fn start_with(lab: &Lab, pod: &str, port: u16, max: usize, secs: u64) -> Self {
+        Self::start_on(lab, pod, "0.0.0.0", port, max, secs)
+    }
+
+    /// A server listening on `host` (`::` for both families).
+    pub fn start_on(lab: &Lab, pod: &str, host: &str, port: u16, max: usize, secs: u64) -> Self {
         let mut child = lab
             .command_in(pod, PROBE)
             .expect("command")
+            .env("PROBE_LISTEN", host)
             .args([
                 "serve",
                 &port.to_string(),
@@ -267,4 +301,90 @@ pub fn metrics(lab: &Lab, node: &str) -> String {
     let (status, body) = admin_get(lab, node, 15000, "/metrics");
     assert_eq!(status, 200, "metrics of {node}");
     body
+}
+
+/// Raw frames seen on one interface of a netns (AF_PACKET), until stopped.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    pub fn start(netns: &str, interface: &str) -> Self {
+        let iface = interface.to_string();
+        let fd: OwnedFd = meshlet_lab::netns::run_in(netns, move || {
+            let name = std::ffi::CString::new(iface)?;
+            // SAFETY: plain libc calls with valid arguments; the fd is owned right away.
+            unsafe {
+                let index = libc::if_nametoindex(name.as_ptr());
+                anyhow::ensure!(index != 0, "no interface");
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                anyhow::ensure!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto;
+                addr.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                anyhow::ensure!(rc == 0, "bind: {}", std::io::Error::last_os_error());
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(fd)
+            }
+        })
+        .expect("capture socket");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 70_000];
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && frames.len() < 200_000
+            {
+                // SAFETY: reading into a buffer of the size passed.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
