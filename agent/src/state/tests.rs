@@ -454,7 +454,8 @@ mod services {
 
     #[test]
     fn bad_services_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut v1::DiscoveryResponse)>, &str)> = vec![
+        type Breakage = Box<dyn Fn(&mut v1::DiscoveryResponse)>;
+        let cases: Vec<(Breakage, &str)> = vec![
             (
                 Box::new(|u| u.services[0].cluster_ips[0] = "10.96.0.300".into()),
                 "cluster IP \"10.96.0.300\"",
