@@ -4,7 +4,10 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use meshlet_agent::{state::StreamPosition, state::Store as Workloads, tls::TrustBundle};
+use meshlet_agent::{
+    state::{Store, StreamPosition},
+    tls::TrustBundle,
+};
 use meshlet_controlplane::{pki, publish::Published, registry::RegistryFile};
 
 fn trust() -> &'static pki::Trust {
@@ -25,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         trust: trust().clone(),
     };
     let update = published.response("cluster.local");
-    let workloads = Workloads::default();
+    let workloads = Store::default();
     if workloads
         .apply(&update, &TrustBundle::default(), StreamPosition::First)
         .is_ok()

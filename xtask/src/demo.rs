@@ -18,14 +18,26 @@ fn check(ok: bool, what: &str, failures: &mut Vec<String>) {
 }
 
 pub fn run(bin_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
-    println!("== meshlet demo: bringing up the lab (2 nodes, 2 pods, control plane, 2 agents)");
-    let lab = Lab::up(&crate::demo_pods(), &LabOptions::new(bin_dir))?;
+    println!(
+        "== meshlet demo: bringing up the lab (2 nodes, 3 dual-stack pods, control plane, 2 agents)"
+    );
+    let mut options = LabOptions::new(bin_dir);
+    options.dual_stack = true;
+    let lab = Lab::up(&crate::demo_pods(), &options)?;
     let web = lab.topology.pod("web").context("web")?.clone();
     let api = lab.topology.pod("api").context("api")?.clone();
-    for p in [&web, &api] {
+    let api_b = lab.topology.pod("api-b").context("api-b")?.clone();
+    for p in [&web, &api, &api_b] {
         println!(
-            "   pod {:<4} on {}  ip {:<11} identity {}",
-            p.name, p.node, p.ip, p.identity
+            "   pod {:<5} on {}  ips {:<30} identity {}",
+            p.name,
+            p.node,
+            p.ips()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            p.identity
         );
     }
     let probe = bin_dir.join("meshlet-lab-probe");
@@ -120,6 +132,8 @@ pub fn run(bin_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
     println!("   node-1: {}", outbound.trim());
     println!("   node-2: {}", inbound.trim());
     println!("\n   (took {:?})", started.elapsed());
+
+    service_step(&lab, bin_dir, &[&api, &api_b], &mut failures)?;
     lab.down();
     if !meshlet_lab::lab::leftovers().is_empty() {
         bail!("teardown left {:?}", meshlet_lab::lab::leftovers());
@@ -131,4 +145,99 @@ pub fn run(bin_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
     } else {
         bail!("demo failed: {failures:?}")
     }
+}
+
+/// The `api` Service (cluster IPs 10.96.0.10 and fd00:96::10, port 80 → `http` = 8080) with
+/// endpoints on both nodes: web dials each cluster IP and is spread over them, through the
+/// tunnel, also to the endpoint on its own node.
+fn service_step(
+    lab: &Lab,
+    bin_dir: &Path,
+    endpoints: &[&meshlet_lab::topology::PodInfo],
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let mut registry = lab.topology.workloads_json();
+    registry["services"] = serde_json::json!([{
+        "namespace": "default", "name": "api", "cluster_ips": ["10.96.0.10", "fd00:96::10"],
+        "ports": [{"name": "web", "port": 80, "target_port_name": "http"}],
+        "endpoints": endpoints.iter().map(|p| serde_json::json!({
+            "workload_uid": p.uid,
+            "addresses": p.ips().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "ready": true, "serving": true, "ports": {"http": 8080},
+        })).collect::<Vec<_>>(),
+    }]);
+    lab.write_workloads(&registry)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !["node-1", "node-2"].iter().all(|n| {
+        lab.agent_log(n)
+            .contains("applied control-plane update version=2 ")
+    }) {
+        if Instant::now() > deadline {
+            bail!("the agents did not take the api Service");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probe = bin_dir.join("meshlet-lab-probe");
+    let mut servers = Vec::new();
+    for p in endpoints {
+        let mut child = lab
+            .command_in(&p.name, &probe)?
+            .env("PROBE_LISTEN", "::")
+            .args(["serve", "8080", "100", "60"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let _listening = lines.next();
+        servers.push((child, lines));
+    }
+    println!("\n== web → Service api: 20 connections to 10.96.0.10:80, 20 to [fd00:96::10]:80");
+    let mut reports = Vec::new();
+    for vip in ["10.96.0.10:80", "[fd00:96::10]:80"] {
+        let out = lab
+            .command_in("web", &probe)?
+            .args(["many", vip, "20"])
+            .output()?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        println!("   {vip}: {report}");
+        reports.push(report);
+    }
+    let mut counts = Vec::new();
+    for (mut child, lines) in servers {
+        let _ = child.kill();
+        let _ = child.wait();
+        counts.push(
+            lines
+                .map_while(Result::ok)
+                .filter(|l| l.starts_with("ACCEPT"))
+                .count(),
+        );
+    }
+    check(
+        reports.iter().all(|r| r["ok"] == 20),
+        "every connection to both cluster IPs was answered through the mesh",
+        failures,
+    );
+    check(
+        counts.iter().all(|c| *c > 0),
+        &format!(
+            "spread over the endpoints on both nodes (api on node-2: {}, api-b on node-1: {})",
+            counts.first().copied().unwrap_or(0),
+            counts.get(1).copied().unwrap_or(0)
+        ),
+        failures,
+    );
+    let services = lab
+        .command_in("node-1", bin_dir.join("meshlet"))?
+        .arg("services")
+        .output()?;
+    println!("\n== meshlet services (node-1)");
+    print!("{}", String::from_utf8_lossy(&services.stdout));
+    let check_out = lab
+        .command_in("node-1", bin_dir.join("meshlet"))?
+        .args(["check", "--from", "default/web", "--to", "svc/default/api:80"])
+        .output()?;
+    println!("\n== meshlet check --from default/web --to svc/default/api:80");
+    print!("{}", String::from_utf8_lossy(&check_out.stdout));
+    Ok(())
 }

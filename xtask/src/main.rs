@@ -359,6 +359,8 @@ pub fn demo_pods() -> Vec<PodSpec> {
     vec![
         PodSpec::new("web", "node-1", "frontend"),
         PodSpec::new("api", "node-2", "backend"),
+        // A second endpoint of the `api` Service, on web's own node.
+        PodSpec::new("api-b", "node-1", "backend"),
     ]
 }
 
