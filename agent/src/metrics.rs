@@ -121,6 +121,7 @@ pub const OUTBOUND_OUTCOMES: &[(&str, &str)] = &[
     ("refused", "no_healthy_endpoint"),
     ("refused", "unknown_service_port"),
     ("refused", "registry_only"),
+    ("refused", "no_own_certificate"),
     ("failed", "unreachable"),
 ];
 

@@ -28,17 +28,31 @@ pub enum OutboundError {
     Tunnel(#[from] tunnel::TunnelError),
     #[error("cannot connect directly: {0}")]
     Direct(#[from] std::io::Error),
+    #[error("no identity to expect at this upstream: refused")]
+    NoIdentity,
+    /// This pod has no certificate to present (not issued yet, or expired with the CA away):
+    /// nothing goes until it has one.
+    #[error(transparent)]
+    OwnIdentity(#[from] crate::identity::IdentityError),
 }
 
 impl OutboundError {
     /// Whether another endpoint may do better: not after a policy refusal (401, 403), which
     /// the next endpoint of the same Service would most likely repeat.
     fn retryable(&self) -> bool {
-        !matches!(
-            self,
-            Self::Tunnel(tunnel::TunnelError::Refused { status, .. })
-                if *status == http::StatusCode::UNAUTHORIZED || *status == http::StatusCode::FORBIDDEN
-        )
+        match self {
+            Self::Tunnel(tunnel::TunnelError::Refused { status, .. }) => {
+                *status != http::StatusCode::UNAUTHORIZED && *status != http::StatusCode::FORBIDDEN
+            }
+            Self::OwnIdentity(_) | Self::NoIdentity => false,
+            Self::Tunnel(_) | Self::Direct(_) => true,
+        }
+    }
+
+    /// Refused by this agent before anything was sent (logged `outcome="refused"`), rather
+    /// than failed on the way.
+    fn refused_here(&self) -> bool {
+        matches!(self, Self::OwnIdentity(_) | Self::NoIdentity)
     }
 }
 
@@ -130,17 +144,29 @@ pub(crate) async fn handle(
         }
     };
     let mut failures: Vec<String> = Vec::new();
+    let mut refused_here = false;
     let last = upstreams.len().saturating_sub(1);
     for (attempt, upstream) in upstreams.iter().enumerate() {
         // Waiting for the peer's answer before the app's bytes go costs a round trip, and is
         // what makes a retry possible (the bytes are still in the app's socket); the last
         // candidate sends at once.
         let retry_possible = attempt < last;
-        let connected = match upstream.transport() {
-            Transport::Mtls => tunnel_to(&agent, &pod, &source, upstream, retry_possible)
+        let connected = match (upstream.transport(), upstream.workload.as_ref()) {
+            (Transport::Mtls, Some(destination)) => {
+                tunnel_to(
+                    &agent,
+                    &pod,
+                    &source,
+                    destination,
+                    upstream.address,
+                    retry_possible,
+                )
                 .await
-                .map_err(OutboundError::from),
-            Transport::Plaintext => direct_to(&pod, upstream.address)
+            }
+            // A route makes mTLS upstreams of workloads only; were it ever otherwise, refuse
+            // rather than guess.
+            (Transport::Mtls, None) => Err(OutboundError::NoIdentity),
+            (Transport::Plaintext, _) => direct_to(&pod, upstream.address)
                 .await
                 .map_err(OutboundError::from),
         };
@@ -161,6 +187,7 @@ pub(crate) async fn handle(
                 return;
             }
             Err(e) => {
+                refused_here = e.refused_here();
                 let retry_possible = retry_possible && e.retryable();
                 if retry_possible {
                     agent.metrics.endpoint_retries.inc();
@@ -175,10 +202,16 @@ pub(crate) async fn handle(
             }
         }
     }
-    agent.metrics.outbound("failed", "unreachable");
     let _ = app.set_zero_linger();
+    let outcome = if refused_here {
+        agent.metrics.outbound("refused", "no_own_certificate");
+        "refused"
+    } else {
+        agent.metrics.outbound("failed", "unreachable");
+        "failed"
+    };
     tracing::warn!(target: "access", direction = "outbound", src = %source.identity,
-        src_workload = %source.display_name(), dst = %original, %service, outcome = "failed",
+        src_workload = %source.display_name(), dst = %original, %service, outcome,
         reason = %failures.join("; "));
 }
 
@@ -206,33 +239,21 @@ enum Answer {
     ),
 }
 
-/// Opens a stream to `upstream` (a mesh workload) through a pooled tunnel from the pod.
+/// Opens a stream to `address` of mesh workload `destination` through a pooled tunnel from
+/// the pod.
 async fn tunnel_to(
     agent: &NodeAgent,
     pod: &PodHandle,
     source: &WorkloadInfo,
-    upstream: &Upstream,
+    destination: &WorkloadInfo,
+    address: SocketAddr,
     wait_for_answer: bool,
-) -> Result<Connected, tunnel::TunnelError> {
-    let Some(destination) = upstream.workload.as_ref() else {
-        // A route never makes an mTLS upstream without a workload.
-        return Err(tunnel::TunnelError::Refused {
-            authority: upstream.address.to_string(),
-            status: http::StatusCode::MISDIRECTED_REQUEST,
-        });
-    };
+) -> Result<Connected, OutboundError> {
     let source_identity = source.identity.clone();
-    let own_certificate =
-        agent
-            .identities
-            .current(&source_identity)
-            .map_err(|e| tunnel::TunnelError::Connect {
-                addr: upstream.address,
-                source: std::io::Error::other(e.to_string()),
-            })?;
+    let own_certificate = agent.identities.current(&source_identity)?;
     // The pool lookup's values (our leaf, the signer, the key) are dropped once we have a
     // connection: an idle tunnelled connection should hold only what it moves bytes with.
-    let endpoint = SocketAddr::new(upstream.address.ip(), TUNNEL_PORT);
+    let endpoint = SocketAddr::new(address.ip(), TUNNEL_PORT);
     let checkout = {
         let client_leaf = own_certificate
             .certified_key
@@ -304,16 +325,15 @@ async fn tunnel_to(
             })?
     };
     let traceparent = tunnel::new_traceparent();
-    let (send, answer) =
-        tunnel::start_stream(checkout.sender(), endpoint, upstream.address, &traceparent)
-            .await
-            .inspect_err(|e| {
-                if matches!(e, tunnel::TunnelError::Http2 { .. }) {
-                    checkout.poison();
-                }
-            })?;
+    let (send, answer) = tunnel::start_stream(checkout.sender(), endpoint, address, &traceparent)
+        .await
+        .inspect_err(|e| {
+            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+                checkout.poison();
+            }
+        })?;
     let response_timeout = agent.limits.connect_response_timeout;
-    let authority = upstream.address;
+    let authority = address;
     let metrics = agent.metrics.clone();
     let answer = async move {
         match tokio::time::timeout(response_timeout, answer).await {
@@ -334,7 +354,7 @@ async fn tunnel_to(
                 if matches!(e, tunnel::TunnelError::Http2 { .. }) {
                     checkout.poison();
                 }
-                return Err(e);
+                return Err(e.into());
             }
         }
     } else {

@@ -190,13 +190,18 @@ fn a_service_vip_spreads_mtls_over_its_endpoints_on_both_nodes_over_ipv4_and_ipv
     assert_eq!(view["decision"]["verdict"], "allow", "{out}");
 }
 
+/// `ip:port` as a socket address string (`[v6]:port` for IPv6).
+fn at(ip: impl Into<std::net::IpAddr>, port: u16) -> String {
+    std::net::SocketAddr::new(ip.into(), port).to_string()
+}
+
 #[test]
 fn endpoints_that_stop_being_ready_get_no_new_connections_and_failed_ones_are_retried() {
-    let lab = up(&pods());
+    let lab = up_dual_stack(&pods());
     let (api1, api2, api3) = (pod(&lab, "api-1"), pod(&lab, "api-2"), pod(&lab, "api-3"));
     // api-3's app is down.
-    let s1 = Server::start_with(&lab, "api-1", 8080, 1000, 120);
-    let s2 = Server::start_with(&lab, "api-2", 8080, 1000, 120);
+    let s1 = Server::start_on(&lab, "api-1", "::", 8080, 1000, 120);
+    let s2 = Server::start_on(&lab, "api-2", "::", 8080, 1000, 120);
     let mut version = 2;
     let mut publish = |endpoints: Vec<Value>| {
         write_policy(
@@ -207,177 +212,261 @@ fn endpoints_that_stop_being_ready_get_no_new_connections_and_failed_ones_are_re
         );
         version += 1;
     };
-    publish(vec![
-        endpoint(&api1, true, false),
-        endpoint(&api2, true, false),
-        endpoint(&api3, true, false),
-    ]);
-    let report = many(&lab, "web", &format!("{VIP4}:80"), 40, None);
-    assert_eq!(
-        report["ok"], 40,
-        "a down endpoint must cost a retry, not the app's connection: {report}"
-    );
-    let log = lab.agent_log("node-1");
-    assert!(
-        log.lines().any(|l| l.contains("outcome=\"retry\"")
-            && l.contains(&format!("endpoint={}:8080", api3.ip))),
-        "the access log must name the retry of api-3"
-    );
+    // The same suite over each cluster IP.
+    for (family, vip) in [
+        (
+            "IPv4",
+            at(VIP4.parse::<std::net::Ipv4Addr>().expect("v4"), 80),
+        ),
+        (
+            "IPv6",
+            at(VIP6.parse::<std::net::Ipv6Addr>().expect("v6"), 80),
+        ),
+    ] {
+        let api3_address = if family == "IPv4" {
+            at(api3.ip, 8080)
+        } else {
+            at(api3.ip6.expect("api-3 v6"), 8080)
+        };
+        publish(vec![
+            endpoint(&api1, true, false),
+            endpoint(&api2, true, false),
+            endpoint(&api3, true, false),
+        ]);
+        let report = many(&lab, "web", &vip, 40, None);
+        assert_eq!(
+            report["ok"], 40,
+            "{family}: a down endpoint must cost a retry, not the app's connection: {report}"
+        );
+        let log = lab.agent_log("node-1");
+        assert!(
+            log.lines().any(|l| l.contains("outcome=\"retry\"")
+                && l.contains(&format!("endpoint={api3_address}"))),
+            "{family}: the access log must name the retry of api-3 ({api3_address})"
+        );
+        let _ = (accepts(&s1), accepts(&s2));
+
+        // Only api-2 ready: a long-lived connection lands there.
+        publish(vec![
+            endpoint(&api1, false, false),
+            endpoint(&api2, true, false),
+            endpoint(&api3, false, false),
+        ]);
+        let ping = Ping::start(&lab, "web", &vip, 60);
+        assert_eq!(
+            ping.next(Duration::from_secs(10)).as_deref(),
+            Some("CONNECTED")
+        );
+        assert_eq!(
+            accepts(&s2).len(),
+            1,
+            "{family}: the long-lived connection went to api-2"
+        );
+        // api-2 terminating, api-1 ready: new connections go to api-1 only; the live one
+        // runs on.
+        publish(vec![
+            endpoint(&api1, true, false),
+            endpoint(&api2, false, true),
+            endpoint(&api3, false, false),
+        ]);
+        let report = many(&lab, "web", &vip, 20, None);
+        assert_eq!(report["ok"], 20, "{family}: {report}");
+        assert_eq!(
+            accepts(&s1).len(),
+            20,
+            "{family}: every new connection goes to the ready endpoint"
+        );
+        assert!(
+            accepts(&s2).is_empty(),
+            "{family}: a terminating endpoint got a new connection"
+        );
+        // Removed from the slice altogether: still no new connections, the live one runs on.
+        publish(vec![endpoint(&api1, true, false)]);
+        let report = many(&lab, "web", &vip, 10, None);
+        assert_eq!(report["ok"], 10, "{family}: {report}");
+        assert!(accepts(&s2).is_empty());
+        assert_eq!(
+            ping.next(Duration::from_millis(500)),
+            None,
+            "{family}: the live connection to the terminating endpoint must run on"
+        );
+
+        // No ready endpoint: the app's connection fails at once, and the log says why.
+        publish(vec![endpoint(&api1, false, false)]);
+        let refused_before = common::sample(
+            &common::metrics(&lab, "node-1"),
+            "meshlet_outbound_connections_total",
+            &["outcome=\"refused\"", "reason=\"no_healthy_endpoint\""],
+        );
+        let started = Instant::now();
+        let (ok, report, _) = send(&lab, "web", &vip, 64, None, None);
+        assert!(
+            !ok,
+            "{family}: a Service without a ready endpoint must refuse: {report}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{family}: refused after {:?}, not at once",
+            started.elapsed()
+        );
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("outcome=\"refused\"")
+                && l.contains("reason=\"no_healthy_endpoint\"")
+                && l.contains(&format!("dst={vip}"))));
+        assert_eq!(
+            common::sample(
+                &common::metrics(&lab, "node-1"),
+                "meshlet_outbound_connections_total",
+                &["outcome=\"refused\"", "reason=\"no_healthy_endpoint\""]
+            ),
+            refused_before + 1.0
+        );
+    }
     assert!(
         common::sample(
             &common::metrics(&lab, "node-1"),
             "meshlet_endpoint_retries_total",
             &[]
-        ) >= 1.0
-    );
-    let _ = (accepts(&s1), accepts(&s2));
-
-    // Only api-2 ready: a long-lived connection lands there.
-    publish(vec![
-        endpoint(&api1, false, false),
-        endpoint(&api2, true, false),
-        endpoint(&api3, false, false),
-    ]);
-    let ping = Ping::start(&lab, "web", &format!("{VIP4}:80"), 60);
-    assert_eq!(
-        ping.next(Duration::from_secs(10)).as_deref(),
-        Some("CONNECTED")
-    );
-    assert_eq!(
-        accepts(&s2).len(),
-        1,
-        "the long-lived connection went to api-2"
-    );
-    // api-2 terminating, api-1 ready: new connections go to api-1 only; the live one runs on.
-    publish(vec![
-        endpoint(&api1, true, false),
-        endpoint(&api2, false, true),
-        endpoint(&api3, false, false),
-    ]);
-    let report = many(&lab, "web", &format!("{VIP4}:80"), 20, None);
-    assert_eq!(report["ok"], 20, "{report}");
-    assert_eq!(
-        accepts(&s1).len(),
-        20,
-        "every new connection goes to the ready endpoint"
-    );
-    assert!(
-        accepts(&s2).is_empty(),
-        "a terminating endpoint got a new connection"
-    );
-    // Removed from the slice altogether: still no new connections, the live one still runs.
-    publish(vec![endpoint(&api1, true, false)]);
-    let report = many(&lab, "web", &format!("{VIP4}:80"), 10, None);
-    assert_eq!(report["ok"], 10, "{report}");
-    assert!(accepts(&s2).is_empty());
-    assert_eq!(
-        ping.next(Duration::from_millis(500)),
-        None,
-        "the live connection to the terminating endpoint must run on"
-    );
-
-    // No ready endpoint: the app's connection fails at once, and the log says why.
-    publish(vec![endpoint(&api1, false, false)]);
-    let started = Instant::now();
-    let (ok, report, _) = send(&lab, "web", &format!("{VIP4}:80"), 64, None, None);
-    assert!(
-        !ok,
-        "a Service without a ready endpoint must refuse: {report}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused after {:?}, not at once",
-        started.elapsed()
-    );
-    assert!(
-        lab.agent_log("node-1")
-            .lines()
-            .any(|l| l.contains("outcome=\"refused\"")
-                && l.contains("reason=\"no_healthy_endpoint\""))
-    );
-    assert!(
-        common::sample(
-            &common::metrics(&lab, "node-1"),
-            "meshlet_outbound_connections_total",
-            &["outcome=\"refused\"", "reason=\"no_healthy_endpoint\""]
-        ) >= 1.0
+        ) >= 2.0
     );
 }
 
 #[test]
 fn egress_passes_under_allow_any_and_only_listed_destinations_under_registry_only() {
-    let lab = up(&pods());
+    let lab = up_dual_stack(&pods());
     let web = pod(&lab, "web");
     let ext = pod(&lab, "ext");
-    let server = Server::start_with(&lab, "ext", 9090, 100, 120);
-    let to = format!("{}:9090", ext.ip);
-    // ALLOW_ANY (the default): directly, from web's own address, logged as passthrough.
-    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
-    assert!(
-        ok,
-        "ALLOW_ANY must let web reach a destination outside the mesh: {err} {report}"
-    );
-    assert!(
-        accepts(&server)
-            .iter()
-            .any(|l| l.starts_with(&format!("ACCEPT {}:", web.ip))),
-        "egress leaves from the pod's own address"
-    );
-    assert!(lab
-        .agent_log("node-1")
-        .lines()
-        .any(|l| l.contains("outcome=\"passthrough\"") && l.contains("ALLOW_ANY")));
-    assert!(
-        common::sample(
+    let api2 = pod(&lab, "api-2");
+    let server = Server::start_on(&lab, "ext", "::", 9090, 100, 120);
+    let _other = Server::start_on(&lab, "ext", "::", 9091, 10, 120);
+    let _api = Server::start_on(&lab, "api-2", "::", 8080, 10, 120);
+    let mut version = 2;
+    for (family, ext_ip, web_ip, api_ip) in [
+        ("IPv4", ext.ip.into(), web.ip.into(), api2.ip.into()),
+        (
+            "IPv6",
+            std::net::IpAddr::from(ext.ip6.expect("ext v6")),
+            std::net::IpAddr::from(web.ip6.expect("web v6")),
+            std::net::IpAddr::from(api2.ip6.expect("api-2 v6")),
+        ),
+    ] {
+        let to = at(ext_ip, 9090);
+        // ALLOW_ANY (the default): directly, from web's own address, logged as passthrough.
+        write_policy(&lab, json!({}), version, false);
+        version += 1;
+        let passed_before = common::sample(
             &common::metrics(&lab, "node-1"),
             "meshlet_outbound_connections_total",
-            &["outcome=\"passthrough\"", "reason=\"allow_any\""]
-        ) >= 1.0
-    );
-    // REGISTRY_ONLY: refused.
-    write_policy(
-        &lab,
-        json!({"mesh": {"outbound_traffic_policy": "REGISTRY_ONLY"}}),
-        2,
-        false,
-    );
-    let (ok, report, _) = send(&lab, "web", &to, 1024, None, None);
-    assert!(
-        !ok,
-        "REGISTRY_ONLY must refuse an unlisted destination: {report}"
-    );
-    assert!(
-        accepts(&server).is_empty(),
-        "ext got a connection under REGISTRY_ONLY"
-    );
-    // ...except a listed external service, and only on its ports.
-    write_policy(
-        &lab,
-        json!({
-            "mesh": {"outbound_traffic_policy": "REGISTRY_ONLY"},
-            "external_services": [{"name": "partner", "addresses": [format!("{}/32", ext.ip)], "ports": [9090]}],
-        }),
-        3,
-        false,
-    );
-    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
-    assert!(ok, "a listed external service must pass: {err} {report}");
-    assert!(lab
-        .agent_log("node-1")
-        .lines()
-        .any(|l| l.contains("outcome=\"passthrough\"") && l.contains("external service partner")));
-    let _other = Server::start_with(&lab, "ext", 9091, 10, 60);
-    let (ok, _, _) = send(&lab, "web", &format!("{}:9091", ext.ip), 64, None, None);
-    assert!(!ok, "an external service opens only its ports");
-    // A mesh workload is never reached in plaintext by egress rules: web → api-2 stays mTLS.
-    let _api = Server::start_with(&lab, "api-2", 8080, 10, 60);
-    let api2 = pod(&lab, "api-2");
-    let (ok, report, err) = send(&lab, "web", &format!("{}:8080", api2.ip), 64, None, None);
-    assert!(ok, "{err} {report}");
-    assert!(lab
-        .agent_log("node-1")
-        .lines()
-        .any(|l| l.contains(&format!("dst={}:8080", api2.ip)) && l.contains("outcome=\"mtls\"")));
+            &["outcome=\"passthrough\"", "reason=\"allow_any\""],
+        );
+        let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+        assert!(
+            ok,
+            "{family}: ALLOW_ANY must let web reach a destination outside the mesh: {err} {report}"
+        );
+        // The server listens on `::`: IPv4 peers show IPv4-mapped.
+        let web_shown = match web_ip {
+            std::net::IpAddr::V4(v4) => format!("ACCEPT [::ffff:{v4}]:"),
+            std::net::IpAddr::V6(v6) => format!("ACCEPT [{v6}]:"),
+        };
+        let seen = accepts(&server);
+        assert!(
+            seen.iter().any(|l| l.starts_with(&web_shown)),
+            "{family}: egress leaves from the pod's own address: {seen:?}"
+        );
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("outcome=\"passthrough\"")
+                && l.contains("ALLOW_ANY")
+                && l.contains(&format!("dst={to}"))));
+        assert_eq!(
+            common::sample(
+                &common::metrics(&lab, "node-1"),
+                "meshlet_outbound_connections_total",
+                &["outcome=\"passthrough\"", "reason=\"allow_any\""]
+            ),
+            passed_before + 1.0
+        );
+        // REGISTRY_ONLY: refused.
+        write_policy(
+            &lab,
+            json!({"mesh": {"outbound_traffic_policy": "REGISTRY_ONLY"}}),
+            version,
+            false,
+        );
+        version += 1;
+        let (ok, report, _) = send(&lab, "web", &to, 1024, None, None);
+        assert!(
+            !ok,
+            "{family}: REGISTRY_ONLY must refuse an unlisted destination: {report}"
+        );
+        assert!(
+            accepts(&server).is_empty(),
+            "{family}: ext got a connection under REGISTRY_ONLY"
+        );
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("reason=\"registry_only\"") && l.contains(&format!("dst={to}"))));
+        // ...except a listed external service, and only on its ports; and a Service whose
+        // endpoints are outside the mesh (as `kubernetes.default` is), in plaintext.
+        let prefix = if ext_ip.is_ipv4() { 32 } else { 128 };
+        write_policy(
+            &lab,
+            json!({
+                "mesh": {"outbound_traffic_policy": "REGISTRY_ONLY"},
+                "external_services": [{"name": "partner", "addresses": [format!("{ext_ip}/{prefix}")], "ports": [9090]}],
+                "services": [{"namespace": "default", "name": "kubernetes",
+                              "cluster_ips": ["10.96.0.1", "fd00:96::1"], "ports": [{"port": 443, "target_port": 9090}],
+                              "endpoints": [{"addresses": [ext_ip.to_string()], "ready": true}]}],
+            }),
+            version,
+            false,
+        );
+        version += 1;
+        let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+        assert!(
+            ok,
+            "{family}: a listed external service must pass: {err} {report}"
+        );
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("outcome=\"passthrough\"")
+                && l.contains("external service partner")
+                && l.contains(&format!("dst={to}"))));
+        let (ok, _, _) = send(&lab, "web", &at(ext_ip, 9091), 64, None, None);
+        assert!(!ok, "{family}: an external service opens only its ports");
+        let vip = if ext_ip.is_ipv4() {
+            "10.96.0.1:443"
+        } else {
+            "[fd00:96::1]:443"
+        };
+        let (ok, report, err) = send(&lab, "web", vip, 1024, None, None);
+        assert!(
+            ok,
+            "{family}: a Service with endpoints outside the mesh: {err} {report}"
+        );
+        assert_eq!(report["peer"], vip, "getpeername shows the cluster IP");
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("service=default/kubernetes")
+                && l.contains("outcome=\"plaintext\"")
+                && l.contains("endpoint outside the mesh")));
+        // A mesh workload is never reached in plaintext by egress rules: web → api-2 is mTLS.
+        let (ok, report, err) = send(&lab, "web", &at(api_ip, 8080), 64, None, None);
+        assert!(ok, "{family}: {err} {report}");
+        assert!(lab
+            .agent_log("node-1")
+            .lines()
+            .any(|l| l.contains(&format!("dst={}", at(api_ip, 8080)))
+                && l.contains("outcome=\"mtls\"")));
+        let _ = accepts(&server);
+    }
 }
 
 #[test]
@@ -399,6 +488,29 @@ fn over_ipv6_pods_talk_mtls_and_plaintext_to_a_strict_pods_v6_and_link_local_add
         .agent_log("node-2")
         .lines()
         .any(|l| l.contains(&format!("[{api6}]:8080")) && l.contains(&web.identity)));
+    // The bind6 ratchet: no pod binds the agent's ports over IPv6 either.
+    for port in ["15001", "15006", "15008"] {
+        let bind = lab
+            .command_in("web", common::PROBE)
+            .expect("command")
+            .env("PROBE_LISTEN", "::")
+            .args(["bind", port])
+            .output()
+            .expect("probe bind");
+        assert!(
+            !bind.status.success(),
+            "web bound the agent's port [::]:{port}: {}",
+            String::from_utf8_lossy(&bind.stdout)
+        );
+    }
+    let bind = lab
+        .command_in("web", common::PROBE)
+        .expect("command")
+        .env("PROBE_LISTEN", "::")
+        .args(["bind", "9999"])
+        .output()
+        .expect("probe bind");
+    assert!(bind.status.success(), "an app port binds over IPv6");
     // Plaintext from outside the mesh to the STRICT pod's IPv6 address: refused.
     let (ok, _, _) = send(&lab, "ext", &format!("[{api6}]:8080"), 64, None, None);
     assert!(!ok, "plaintext reached a STRICT pod over IPv6");

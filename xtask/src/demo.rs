@@ -235,7 +235,13 @@ fn service_step(
     print!("{}", String::from_utf8_lossy(&services.stdout));
     let check_out = lab
         .command_in("node-1", bin_dir.join("meshlet"))?
-        .args(["check", "--from", "default/web", "--to", "svc/default/api:80"])
+        .args([
+            "check",
+            "--from",
+            "default/web",
+            "--to",
+            "svc/default/api:80",
+        ])
         .output()?;
     println!("\n== meshlet check --from default/web --to svc/default/api:80");
     print!("{}", String::from_utf8_lossy(&check_out.stdout));

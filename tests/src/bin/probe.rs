@@ -271,13 +271,22 @@ fn bind(args: &[String]) -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| usage());
     // With a mark (`bind PORT 0x…`): as a pod process that set SO_MARK itself would.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // PROBE_LISTEN=:: binds IPv6 (the bind6 ratchet).
+    let host: std::net::IpAddr = std::env::var("PROBE_LISTEN")
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(SocketAddr::new(host, port)),
+        socket2::Type::STREAM,
+        None,
+    )?;
     if let Some(mark) = args.get(1) {
         let mark = u32::from_str_radix(mark.trim_start_matches("0x"), 16)
             .map_err(|e| std::io::Error::other(format!("mark {mark}: {e}")))?;
         socket.set_mark(mark)?;
     }
-    socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    socket.bind(&SocketAddr::new(host, port).into())?;
     socket.listen(1)?;
     println!("BOUND {port}");
     Ok(())
