@@ -475,7 +475,7 @@ async fn carry(cx: Context<'_>, app: TcpStream, connected: Connected) {
     tracing::info!(target: "access", direction = "outbound", src = %cx.source.identity,
         src_workload = %cx.source.display_name(), dst = %cx.original, service = %cx.service,
         endpoint = %upstream.address, %dst_workload, %dst_identity,
-        transport = ?upstream.transport(), why = %upstream.why,
+        why = %upstream.why,
         retried = %cx.retried.join("; "),
         bytes_sent = sent, bytes_received = received, %traceparent,
         duration_ms = cx.started.elapsed().as_millis() as u64, outcome, error = %error,

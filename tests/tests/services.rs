@@ -8,7 +8,7 @@ use meshlet_lab::{topology::PodInfo, Lab, PodSpec, NAME_PREFIX};
 use serde_json::{json, Value};
 
 mod common;
-use common::{contains, many, send, up, up_dual_stack, write_policy, Capture, Ping, Server};
+use common::{contains, many, send, up_dual_stack, write_policy, Capture, Ping, Server};
 
 const VIP4: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
