@@ -9,7 +9,9 @@ use meshlet_proto::v1::{
     node_identity_service_server::NodeIdentityServiceServer,
 };
 
-use meshlet_controlplane::{ca, emergency, node_auth, pki, publish, registry, services, tokens};
+use meshlet_controlplane::{
+    ca, emergency, kubernetes, node_auth, pki, publish, registry, services, tokens,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,8 +62,16 @@ struct Args {
     listen: String,
     /// JSON file with the workloads and policy ({"workloads": [...], "mesh": {...},
     /// "modes": [...], "policies": [...]}); re-read when it changes.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["kubeconfig", "kubernetes"])]
     workloads: Option<PathBuf>,
+    /// Read workloads and Services from a Kubernetes cluster (pods of namespaces labelled
+    /// `meshlet.dev/mesh=enabled`), with this kubeconfig.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Read workloads and Services from the Kubernetes cluster this runs in (its service
+    /// account, or $KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -142,11 +152,11 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
     let args = cli.serve;
-    let Some(workloads) = args.workloads.clone() else {
+    if args.workloads.is_none() && args.kubeconfig.is_none() && !args.kubernetes {
         anyhow::bail!(
-            "--workloads FILE is required to serve: the registry of workloads and policy"
+            "a source of workloads is required to serve: --workloads FILE (the registry of workloads and policy), or --kubernetes / --kubeconfig FILE"
         );
-    };
+    }
     let max_lifetime = Duration::from_secs(args.max_cert_lifetime);
     let (ca, trust, _trust_sender) = if args.dev {
         tracing::warn!(
@@ -214,7 +224,13 @@ async fn main() -> anyhow::Result<()> {
         pki::watch_files(files, args.trust_domain.clone(), ca.clone(), tx.clone());
         (ca, rx, tx)
     };
-    let registry = registry::watch_file(workloads)?;
+    let registry = match &args.workloads {
+        Some(file) => registry::watch_file(file.clone())?,
+        None => {
+            let client = kubernetes::client(args.kubeconfig.as_ref()).await?;
+            kubernetes::watch_cluster(client).await
+        }
+    };
     let published = publish::merge(registry.clone(), trust.clone());
     let node_identity = services::NodeIdentity {
         ca: ca.clone(),

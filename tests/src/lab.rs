@@ -37,6 +37,10 @@ pub struct LabOptions {
     /// Pods get an IPv6 address (fd00:10:244:<node>::<n>) beside their IPv4 one, and nodes
     /// route both families.
     pub dual_stack: bool,
+    /// Kubernetes mode: the lab runs the emulated API server ([`crate::kube_api`]), writes
+    /// Namespaces, Nodes and Pods to it as a kubelet would, and the control plane reads the
+    /// cluster from it (`--kubeconfig`) instead of a registry file.
+    pub kubernetes: bool,
 }
 
 impl LabOptions {
@@ -48,6 +52,7 @@ impl LabOptions {
             cert_lifetime: 3600,
             controlplane_args: Vec::new(),
             dual_stack: false,
+            kubernetes: false,
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct Lab {
     torn_down: bool,
     /// How the control plane was started, to start it again.
     controlplane_args: Vec<std::ffi::OsString>,
+    /// The emulated Kubernetes API server, in Kubernetes mode.
+    kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
 }
 
 fn state_path(file: &str) -> PathBuf {
@@ -143,6 +150,7 @@ impl Lab {
             children: Vec::new(),
             torn_down: false,
             controlplane_args: Vec::new(),
+            kube: None,
         };
         // From here on, a failure tears down what was made (Drop).
         lab.build(pods, options)?;
@@ -257,11 +265,28 @@ impl Lab {
         self.topology = topo.clone();
         self.save()?;
         self.runtime.block_on(wire(&topo))?;
-        std::fs::write(
-            &topo.workloads_file,
-            serde_json::to_vec_pretty(&topo.workloads_json())?,
-        )?;
+        if options.kubernetes {
+            let api = self.runtime.block_on(crate::kube_api::KubeApi::start())?;
+            write_cluster(&api, &topo)?;
+            std::fs::write(state_path("kubeconfig"), api.kubeconfig("lab-controlplane"))?;
+            self.kube = Some(api);
+        } else {
+            std::fs::write(
+                &topo.workloads_file,
+                serde_json::to_vec_pretty(&topo.workloads_json())?,
+            )?;
+        }
         Ok(())
+    }
+
+    /// The emulated Kubernetes API server (Kubernetes mode only).
+    pub fn kube(&self) -> Option<&crate::kube_api::KubeApi> {
+        self.kube.as_deref()
+    }
+
+    /// A kubeconfig for the emulated API server (Kubernetes mode only), for kubectl.
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        state_path("kubeconfig")
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -305,8 +330,13 @@ impl Lab {
         cp_args.extend(options.controlplane_args.iter().map(Into::into));
         cp_args.push("--listen".into());
         cp_args.push(format!("unix:{}", topo.controlplane_socket).into());
-        cp_args.push("--workloads".into());
-        cp_args.push(topo.workloads_file.clone().into());
+        if self.kube.is_some() {
+            cp_args.push("--kubeconfig".into());
+            cp_args.push(state_path("kubeconfig").into());
+        } else {
+            cp_args.push("--workloads".into());
+            cp_args.push(topo.workloads_file.clone().into());
+        }
         cp_args.push("--trust-domain".into());
         cp_args.push(options.trust_domain.clone().into());
         self.controlplane_args = cp_args;
@@ -697,6 +727,51 @@ fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
             bail!("{} did not appear within {timeout:?}", path.display());
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// What a cluster's kubelets and API server would hold for the lab: a Namespace per pod
+/// namespace (in the mesh), a Node per node, a running Pod per pod (pods outside the mesh
+/// carry the opt-out label).
+fn write_cluster(api: &crate::kube_api::KubeApi, topo: &Topology) -> anyhow::Result<()> {
+    use crate::kube_api::{NAMESPACES, NODES, PODS};
+    use serde_json::json;
+    let mut namespaces: Vec<&str> = topo.pods.iter().map(|p| p.namespace.as_str()).collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for ns in namespaces {
+        api.create(
+            NAMESPACES,
+            json!({"metadata": {"name": ns, "labels": {"meshlet.dev/mesh": "enabled"}}}),
+        )?;
+    }
+    for node in &topo.nodes {
+        api.create(
+            NODES,
+            json!({"metadata": {"name": node.name}, "spec": {"podCIDR": node.pod_cidr},
+                   "status": {"addresses": [{"type": "InternalIP", "address": node.link_ip.to_string()}]}}),
+        )?;
+    }
+    for pod in &topo.pods {
+        let mut labels = json!({"app": pod.name});
+        if !pod.registered {
+            labels["meshlet.dev/mesh"] = json!("disabled");
+        }
+        let ips: Vec<_> = pod
+            .ips()
+            .iter()
+            .map(|ip| json!({"ip": ip.to_string()}))
+            .collect();
+        api.create(
+            PODS,
+            json!({
+                "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": labels},
+                "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+                         "containers": [{"name": "app", "image": "meshlet-lab-probe"}]},
+                "status": {"phase": "Running", "podIP": pod.ip.to_string(), "podIPs": ips},
+            }),
+        )?;
     }
     Ok(())
 }

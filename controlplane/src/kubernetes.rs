@@ -1,0 +1,509 @@
+//! Kubernetes as the source of truth: the control plane watches Namespaces, Pods, Services
+//! and EndpointSlices (kube-rs reflectors) and turns them into the registry snapshot the
+//! discovery stream already publishes. The Kubernetes API is the only store: any replica
+//! rebuilds the same state from it.
+//!
+//! A namespace joins the mesh with the label `meshlet.dev/mesh=enabled`; a pod in it opts out
+//! with `meshlet.dev/mesh=disabled`. Only such pods are mesh workloads; a Service's endpoints
+//! that are not (pods outside the mesh, addresses of machines) are sent as addresses, which
+//! agents dial in plaintext as destinations outside the mesh.
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Pod, Probe, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{
+    runtime::{reflector, reflector::Store, watcher, WatchStreamExt},
+    Api, Client, Resource,
+};
+use meshlet_proto::v1;
+use tokio::sync::{watch, Notify};
+
+use crate::registry::Snapshot;
+
+/// The label that puts a namespace in the mesh (`enabled`) or keeps a pod out (`disabled`).
+pub const MESH_LABEL: &str = "meshlet.dev/mesh";
+/// The EndpointSlice label naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("cannot read the kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration (in-cluster service account or $KUBECONFIG): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot make a Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client from `kubeconfig`, or from the pod's service account when none is given.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                KubernetesError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|source| KubernetesError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// The cluster as the reflectors hold it.
+#[derive(Clone)]
+pub struct Cluster {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+impl Cluster {
+    /// The registry snapshot this state describes, as `version`.
+    pub fn snapshot(&self, version: u64) -> Snapshot {
+        snapshot(
+            &self.namespaces.state(),
+            &self.pods.state(),
+            &self.services.state(),
+            &self.slices.state(),
+            version,
+        )
+    }
+}
+
+/// Starts watching the cluster and returns once every reflector has its first full list, so
+/// that the first published state is whole (an agent must never be told of an empty mesh
+/// because a list is still on its way). Then every change is a new snapshot, a few
+/// milliseconds of changes at a time.
+pub async fn watch_cluster(client: Client) -> watch::Receiver<Snapshot> {
+    let changed = Arc::new(Notify::new());
+    let cluster = Cluster {
+        namespaces: reflect(Api::all(client.clone()), changed.clone()),
+        pods: reflect(Api::all(client.clone()), changed.clone()),
+        services: reflect(Api::all(client.clone()), changed.clone()),
+        slices: reflect(Api::all(client), changed.clone()),
+    };
+    tracing::info!("waiting for the first list of namespaces, pods, services and endpointslices");
+    let _ = cluster.namespaces.wait_until_ready().await;
+    let _ = cluster.pods.wait_until_ready().await;
+    let _ = cluster.services.wait_until_ready().await;
+    let _ = cluster.slices.wait_until_ready().await;
+    let first = cluster.snapshot(1);
+    tracing::info!(
+        workloads = first.workloads.len(),
+        services = first.services.len(),
+        "read the cluster"
+    );
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            // A burst of changes (a Deployment scaling, a relist) is one update.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let version = tx.borrow().version + 1;
+            let next = cluster.snapshot(version);
+            let same = {
+                let current = tx.borrow();
+                current.workloads == next.workloads && current.services == next.services
+            };
+            if same {
+                continue;
+            }
+            tracing::info!(
+                version,
+                workloads = next.workloads.len(),
+                services = next.services.len(),
+                "cluster changed"
+            );
+            if tx.send(next).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// A reflector of every `K` in the cluster, notifying `changed` on each event. The watcher
+/// relists on a 410 and resumes after a cut watch, with backoff while the API is away; the
+/// store keeps the last state meanwhile.
+fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let kind = K::kind(&()).to_string();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(%kind, "watching the Kubernetes API: {e}"),
+            }
+        }
+    });
+    reader
+}
+
+/// The registry snapshot of a cluster's state (pure: tested on its own).
+pub fn snapshot(
+    namespaces: &[Arc<Namespace>],
+    pods: &[Arc<Pod>],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    version: u64,
+) -> Snapshot {
+    let meshed_namespaces: std::collections::HashSet<&str> = namespaces
+        .iter()
+        .filter(|n| label(n.meta().labels.as_ref(), MESH_LABEL) == Some("enabled"))
+        .filter_map(|n| n.meta().name.as_deref())
+        .collect();
+    let mut workloads: Vec<v1::Workload> = pods
+        .iter()
+        .filter_map(|p| workload(p, &meshed_namespaces))
+        .collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mesh_uids: std::collections::HashSet<&str> =
+        workloads.iter().map(|w| w.uid.as_str()).collect();
+    // EndpointSlices by (namespace, service name).
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let meta = slice.meta();
+        if let (Some(ns), Some(service)) = (
+            meta.namespace.as_deref(),
+            label(meta.labels.as_ref(), SERVICE_NAME_LABEL),
+        ) {
+            slices_of.entry((ns, service)).or_default().push(slice);
+        }
+    }
+    let mut services: Vec<v1::Service> = services
+        .iter()
+        .filter_map(|s| {
+            let meta = s.meta();
+            let (ns, name) = (meta.namespace.as_deref()?, meta.name.as_deref()?);
+            let slices = slices_of.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+            service(s, slices, &mesh_uids)
+        })
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Snapshot {
+        version,
+        workloads,
+        services,
+        ..Default::default()
+    }
+}
+
+fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.and_then(|l| l.get(key)).map(String::as_str)
+}
+
+/// A pod as a mesh workload, when it is one: in a mesh namespace, not opted out, scheduled,
+/// with addresses, not finished, not on the host's network (its address is the node's).
+fn workload(pod: &Pod, meshed: &std::collections::HashSet<&str>) -> Option<v1::Workload> {
+    let meta = pod.meta();
+    let namespace = meta.namespace.as_deref()?;
+    if !meshed.contains(namespace) || label(meta.labels.as_ref(), MESH_LABEL) == Some("disabled") {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if spec.host_network == Some(true)
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let node = spec.node_name.clone()?;
+    let ips: Vec<String> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|ip| ip.ip.clone())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    if ips.is_empty() {
+        return None;
+    }
+    let mut probe_ports: Vec<u32> = spec
+        .containers
+        .iter()
+        .flat_map(|c| {
+            [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+                .filter_map(move |probe| probe_port(c, probe))
+        })
+        .collect();
+    probe_ports.sort_unstable();
+    probe_ports.dedup();
+    Some(v1::Workload {
+        uid: meta.uid.clone()?,
+        namespace: namespace.to_string(),
+        name: meta.name.clone()?,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        node,
+        ips,
+        labels: meta
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        probe_ports,
+    })
+}
+
+/// The port a kubelet probe connects to (HTTP, TCP or gRPC), its name resolved through the
+/// container's ports. Exec probes connect to nothing.
+fn probe_port(container: &Container, probe: &Probe) -> Option<u32> {
+    let port = probe
+        .http_get
+        .as_ref()
+        .map(|h| h.port.clone())
+        .or_else(|| probe.tcp_socket.as_ref().map(|t| t.port.clone()))
+        .or_else(|| probe.grpc.as_ref().map(|g| IntOrString::Int(g.port)))?;
+    match port {
+        IntOrString::Int(n) => u32::try_from(n).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u32::try_from(p.container_port).ok()),
+    }
+}
+
+/// A Service with its endpoints from its EndpointSlices (one per family in a dual-stack
+/// cluster: an endpoint's addresses are merged by the pod they name).
+fn service(
+    s: &Service,
+    slices: &[&EndpointSlice],
+    mesh_uids: &std::collections::HashSet<&str>,
+) -> Option<v1::Service> {
+    let meta = s.meta();
+    let spec = s.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let cluster_ips: Vec<String> = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .collect();
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let (target_port, target_port_name) = match &p.target_port {
+                Some(IntOrString::Int(n)) => (u32::try_from(*n).unwrap_or(0), String::new()),
+                Some(IntOrString::String(name)) => (0, name.clone()),
+                None => (0, String::new()),
+            };
+            v1::ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: u32::try_from(p.port).unwrap_or(0),
+                target_port,
+                target_port_name,
+                protocol: p.protocol.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    // Endpoints keyed by the pod they name, else by their first address.
+    let mut endpoints: BTreeMap<String, v1::Endpoint> = BTreeMap::new();
+    for slice in slices {
+        let named: HashMap<String, u32> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone()?, u32::try_from(p.port?).ok()?)))
+            .filter(|(name, _)| !name.is_empty())
+            .collect();
+        for e in &slice.endpoints {
+            let pod_uid = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.uid.clone());
+            let key = pod_uid
+                .clone()
+                .or_else(|| e.addresses.first().cloned())
+                .unwrap_or_default();
+            let conditions = e.conditions.as_ref();
+            // The API: a nil `ready` is true; a nil `serving` follows `ready`; a nil
+            // `terminating` is false.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let entry = endpoints.entry(key).or_insert_with(|| v1::Endpoint {
+                workload_uid: pod_uid
+                    .filter(|uid| mesh_uids.contains(uid.as_str()))
+                    .unwrap_or_default(),
+                ready,
+                serving,
+                terminating,
+                ..Default::default()
+            });
+            entry.addresses.extend(e.addresses.iter().cloned());
+            entry.ready &= ready;
+            entry.serving &= serving;
+            entry.terminating |= terminating;
+            entry.ports.extend(named.clone());
+        }
+    }
+    Some(v1::Service {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+        cluster_ips,
+        ports,
+        endpoints: endpoints.into_values().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn from<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("object"))
+    }
+
+    fn pod(ns: &str, name: &str, ips: &[&str], labels: serde_json::Value) -> Arc<Pod> {
+        from(json!({
+            "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{name}"), "labels": labels},
+            "spec": {"nodeName": "node-1", "serviceAccountName": "api",
+                     "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}],
+                                     "readinessProbe": {"httpGet": {"port": "http"}},
+                                     "livenessProbe": {"tcpSocket": {"port": 9090}}}]},
+            "status": {"phase": "Running", "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
+        }))
+    }
+
+    #[test]
+    fn mesh_namespaces_pods_services_and_slices_become_the_registry() {
+        let namespaces = vec![
+            from(json!({"metadata": {"name": "default", "labels": {MESH_LABEL: "enabled"}}})),
+            from(json!({"metadata": {"name": "plain"}})),
+        ];
+        let pods = vec![
+            pod(
+                "default",
+                "api-1",
+                &["10.244.1.2", "fd00::2"],
+                json!({"app": "api"}),
+            ),
+            pod(
+                "default",
+                "out",
+                &["10.244.1.3"],
+                json!({MESH_LABEL: "disabled"}),
+            ),
+            pod("plain", "legacy", &["10.244.1.4"], json!({})),
+            pod("default", "pending", &[], json!({})),
+        ];
+        let services = vec![
+            from(json!({"metadata": {"namespace": "default", "name": "api"},
+                        "spec": {"clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                                 "ports": [{"name": "web", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})),
+            from(
+                json!({"metadata": {"namespace": "default", "name": "headless"},
+                        "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}),
+            ),
+        ];
+        let slice = |family: &str, address: &str, uid: &str, ready: Option<bool>| {
+            from::<EndpointSlice>(json!({
+                "metadata": {"namespace": "default", "name": format!("api-{family}-{uid}"),
+                             "labels": {SERVICE_NAME_LABEL: "api"}},
+                "addressType": family,
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": [address], "conditions": {"ready": ready},
+                               "targetRef": {"kind": "Pod", "uid": uid}}],
+            }))
+        };
+        let slices = vec![
+            slice("IPv4", "10.244.1.2", "uid-api-1", Some(true)),
+            slice("IPv6", "fd00::2", "uid-api-1", None),
+            slice("IPv4", "10.244.1.4", "uid-legacy", Some(false)),
+        ];
+        let s = snapshot(&namespaces, &pods, &services, &slices, 7);
+        assert_eq!(s.version, 7);
+        let uids: Vec<&str> = s.workloads.iter().map(|w| w.uid.as_str()).collect();
+        assert_eq!(
+            uids,
+            ["uid-api-1"],
+            "only running pods of mesh namespaces, not opted out"
+        );
+        let api = &s.workloads[0];
+        assert_eq!(api.ips, ["10.244.1.2", "fd00::2"]);
+        assert_eq!(api.service_account, "api");
+        assert_eq!(api.node, "node-1");
+        assert_eq!(api.probe_ports, [8080, 9090], "named probe ports resolved");
+        let svc = &s.services[0];
+        assert_eq!(svc.name, "api");
+        assert_eq!(svc.cluster_ips, ["10.96.0.10", "fd00:96::10"]);
+        assert_eq!(svc.ports[0].target_port_name, "http");
+        assert_eq!(svc.endpoints.len(), 2);
+        let mesh = svc
+            .endpoints
+            .iter()
+            .find(|e| e.workload_uid == "uid-api-1")
+            .expect("the mesh endpoint");
+        assert_eq!(
+            mesh.addresses,
+            ["10.244.1.2", "fd00::2"],
+            "both families merged"
+        );
+        assert!(mesh.ready, "a nil ready is ready");
+        assert_eq!(mesh.ports.get("http"), Some(&8080));
+        let outside = svc
+            .endpoints
+            .iter()
+            .find(|e| e.workload_uid.is_empty())
+            .expect("the endpoint outside the mesh");
+        assert_eq!(outside.addresses, ["10.244.1.4"]);
+        assert!(!outside.ready);
+        assert!(
+            s.services[1].cluster_ips.is_empty(),
+            "headless: no cluster IP"
+        );
+    }
+}

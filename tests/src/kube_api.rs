@@ -1,0 +1,1018 @@
+//! An emulation of the Kubernetes API server, for the lab's Kubernetes mode (no kube-apiserver
+//! can run on these machines). It speaks the wire contract of the Kubernetes API reference that
+//! the control plane's kube-rs client and the real `kubectl` use:
+//!
+//! - discovery: `/version`, `/api`, `/apis`, `/api/v1`, `/apis/<group>/<version>`;
+//! - collections (all namespaces and per namespace) and items of the resources below, as JSON:
+//!   `GET` (list, with `metadata.resourceVersion`; `labelSelector` `k=v`, `k!=v`, `k`, `!k`;
+//!   `fieldSelector` `metadata.name=` / `metadata.namespace=`), `POST` (create: uid,
+//!   resourceVersion, creationTimestamp; 409 when it exists), `PUT` (replace; 409 on a stale
+//!   `resourceVersion`; the `status` subresource apart), `PATCH` (JSON merge patch, also for
+//!   strategic merge patches of maps, which is what `kubectl label` sends), `DELETE`;
+//! - watches (`?watch=1&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`):
+//!   newline-delimited `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": …}` events
+//!   after N, from a bounded history; a version older than the history gets the `ERROR` event
+//!   with a `Status` of code 410 (`Expired`), as the real server does; no version: the current
+//!   objects as `ADDED` first;
+//! - errors as `Status` objects (`NotFound`, `AlreadyExists`, `Conflict`, `Expired`).
+//!
+//! Tests can cut every open watch, forget the history (forcing 410 on resume) and stop
+//! answering, to exercise the controller's recovery. Resources: namespaces, nodes, pods,
+//! services (core/v1), endpointslices (discovery.k8s.io/v1).
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// A resource the emulation serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Resource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    pub short: &'static [&'static str],
+}
+
+impl Resource {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+pub const NAMESPACES: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "namespaces",
+    kind: "Namespace",
+    namespaced: false,
+    short: &["ns"],
+};
+pub const NODES: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "nodes",
+    kind: "Node",
+    namespaced: false,
+    short: &["no"],
+};
+pub const PODS: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "pods",
+    kind: "Pod",
+    namespaced: true,
+    short: &["po"],
+};
+pub const SERVICES: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "services",
+    kind: "Service",
+    namespaced: true,
+    short: &["svc"],
+};
+pub const ENDPOINT_SLICES: Resource = Resource {
+    group: "discovery.k8s.io",
+    version: "v1",
+    plural: "endpointslices",
+    kind: "EndpointSlice",
+    namespaced: true,
+    short: &[],
+};
+
+const RESOURCES: &[Resource] = &[NAMESPACES, NODES, PODS, SERVICES, ENDPOINT_SLICES];
+
+/// How many events a watch can resume from; older versions get 410.
+const HISTORY: usize = 4096;
+
+#[derive(Debug, Clone)]
+struct Event {
+    resource: Resource,
+    kind: &'static str,
+    object: Value,
+    version: u64,
+}
+
+#[derive(Default)]
+struct Objects {
+    version: u64,
+    /// (resource plural, namespace, name) → object.
+    items: BTreeMap<(&'static str, String, String), Value>,
+    history: VecDeque<Event>,
+    /// Versions at or below this are no longer in the history.
+    compacted: u64,
+}
+
+/// The emulated API server's state, shared by its handlers and the lab.
+pub struct KubeApi {
+    objects: Mutex<Objects>,
+    events: broadcast::Sender<Event>,
+    /// Bumped to end every open watch.
+    cuts: broadcast::Sender<()>,
+    /// While set, every request gets 503 (the API server is "down").
+    down: AtomicBool,
+    uids: AtomicU64,
+    pub addr: SocketAddr,
+}
+
+/// An API error, answered as a `Status`.
+#[derive(Debug)]
+pub struct ApiError {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn status(&self) -> Value {
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": self.message, "reason": self.reason, "code": self.code.as_u16(),
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.code, json_body(&self.status())).into_response()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.code, self.reason, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+fn json_body(v: &Value) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+impl KubeApi {
+    /// Starts the emulation on 127.0.0.1 (a free port) in the current tokio runtime.
+    pub async fn start() -> anyhow::Result<Arc<Self>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let api = Arc::new(Self {
+            objects: Mutex::new(Objects::default()),
+            events: broadcast::channel(HISTORY).0,
+            cuts: broadcast::channel(4).0,
+            down: AtomicBool::new(false),
+            uids: AtomicU64::new(1),
+            addr: listener.local_addr()?,
+        });
+        let state = api.clone();
+        let router = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let api = state.clone();
+                async move { api.handle(method, uri, headers, body).await }
+            },
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(api)
+    }
+
+    /// A kubeconfig for this server (no TLS: loopback only), with a bearer token.
+    pub fn kubeconfig(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://{}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user:\n    token: {token}\n",
+            self.addr
+        )
+    }
+
+    /// Ends every open watch (clients resume from their last version).
+    pub fn cut_watches(&self) {
+        let _ = self.cuts.send(());
+    }
+
+    /// Forgets the event history: a watch resumed from any earlier version gets 410 Gone.
+    pub fn compact(&self) {
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        objects.history.clear();
+        objects.compacted = objects.version;
+    }
+
+    /// While `down`, every request is answered 503 and open watches end.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut_watches();
+        }
+    }
+
+    /// Creates `object` (of `resource`, in `namespace` when namespaced).
+    pub fn create(&self, resource: Resource, object: Value) -> Result<Value, ApiError> {
+        let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
+        self.create_in(resource, namespace.as_deref(), object)
+    }
+
+    /// Replaces `object` (metadata.name and namespace name it), keeping its uid.
+    pub fn replace(&self, resource: Resource, object: Value) -> Result<Value, ApiError> {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.update(resource, &namespace, &name, object, Subresource::Whole)
+    }
+
+    /// Deletes an object.
+    pub fn delete(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (
+            resource.plural,
+            scope(resource, namespace),
+            name.to_string(),
+        );
+        let Some(mut object) = objects.items.remove(&key) else {
+            return Err(not_found(resource, name));
+        };
+        objects.version += 1;
+        object["metadata"]["resourceVersion"] = json!(objects.version.to_string());
+        self.record(&mut objects, resource, "DELETED", object.clone());
+        Ok(object)
+    }
+
+    /// An object, if it exists.
+    pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
+        let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        objects
+            .items
+            .get(&(
+                resource.plural,
+                scope(resource, namespace),
+                name.to_string(),
+            ))
+            .cloned()
+    }
+
+    fn create_in(
+        &self,
+        resource: Resource,
+        namespace: Option<&str>,
+        mut object: Value,
+    ) -> Result<Value, ApiError> {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.name: Required value",
+                )
+            })?
+            .to_string();
+        let namespace = if resource.namespaced {
+            namespace.unwrap_or("default").to_string()
+        } else {
+            String::new()
+        };
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (resource.plural, namespace.clone(), name.clone());
+        if objects.items.contains_key(&key) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", resource.plural),
+            ));
+        }
+        objects.version += 1;
+        let uid = object["metadata"]["uid"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                format!(
+                    "00000000-0000-4000-8000-{:012x}",
+                    self.uids.fetch_add(1, Ordering::Relaxed)
+                )
+            });
+        object["apiVersion"] = json!(resource.api_version());
+        object["kind"] = json!(resource.kind);
+        let meta = &mut object["metadata"];
+        meta["uid"] = json!(uid);
+        meta["resourceVersion"] = json!(objects.version.to_string());
+        meta["creationTimestamp"] = json!(now_rfc3339());
+        if resource.namespaced {
+            meta["namespace"] = json!(namespace);
+        }
+        objects.items.insert(key, object.clone());
+        self.record(&mut objects, resource, "ADDED", object.clone());
+        Ok(object)
+    }
+
+    fn update(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        mut object: Value,
+        part: Subresource,
+    ) -> Result<Value, ApiError> {
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (
+            resource.plural,
+            scope(resource, namespace),
+            name.to_string(),
+        );
+        let Some(current) = objects.items.get(&key).cloned() else {
+            return Err(not_found(resource, name));
+        };
+        if let Some(given) = object["metadata"]["resourceVersion"].as_str() {
+            if !given.is_empty() && Some(given) != current["metadata"]["resourceVersion"].as_str() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                        resource.plural
+                    ),
+                ));
+            }
+        }
+        let mut next = match part {
+            // The status subresource changes the status only.
+            Subresource::Status => {
+                let mut next = current.clone();
+                next["status"] = object["status"].take();
+                next
+            }
+            Subresource::Whole => {
+                object["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                object["metadata"]["creationTimestamp"] =
+                    current["metadata"]["creationTimestamp"].clone();
+                object["metadata"]["namespace"] = current["metadata"]["namespace"].clone();
+                object["apiVersion"] = json!(resource.api_version());
+                object["kind"] = json!(resource.kind);
+                object
+            }
+        };
+        if next == current {
+            return Ok(current);
+        }
+        objects.version += 1;
+        next["metadata"]["resourceVersion"] = json!(objects.version.to_string());
+        objects.items.insert(key, next.clone());
+        self.record(&mut objects, resource, "MODIFIED", next.clone());
+        Ok(next)
+    }
+
+    fn record(&self, objects: &mut Objects, resource: Resource, kind: &'static str, object: Value) {
+        let event = Event {
+            resource,
+            kind,
+            object,
+            version: objects.version,
+        };
+        if objects.history.len() == HISTORY {
+            if let Some(old) = objects.history.pop_front() {
+                objects.compacted = old.version;
+            }
+        }
+        objects.history.push_back(event.clone());
+        let _ = self.events.send(event);
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        if self.down.load(Ordering::SeqCst) {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the API server is down",
+            )
+            .into_response();
+        }
+        let path = uri.path().trim_end_matches('/');
+        let query: BTreeMap<String, String> = uri
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        (decode(k), decode(v))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if method == Method::GET {
+            if let Some(v) = discovery(path) {
+                return json_body(&v);
+            }
+        }
+        let Some(target) = Target::parse(path) else {
+            return ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            )
+            .into_response();
+        };
+        let result = match (&method, &target.name) {
+            (&Method::GET, None) if is_true(query.get("watch")) => {
+                return self.watch(target, &query);
+            }
+            (&Method::GET, None) => Ok(self.list(&target, &query)),
+            (&Method::GET, Some(name)) => self
+                .get(
+                    target.resource,
+                    target.namespace.as_deref().unwrap_or(""),
+                    name,
+                )
+                .ok_or_else(|| not_found(target.resource, name)),
+            (&Method::POST, None) => {
+                return match serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| bad_request(&e))
+                    .and_then(|object| {
+                        self.create_in(target.resource, target.namespace.as_deref(), object)
+                    }) {
+                    Ok(created) => (StatusCode::CREATED, json_body(&created)).into_response(),
+                    Err(e) => e.into_response(),
+                };
+            }
+            (&Method::PUT, Some(name)) => serde_json::from_slice::<Value>(&body)
+                .map_err(|e| bad_request(&e))
+                .and_then(|object| {
+                    self.update(
+                        target.resource,
+                        target.namespace.as_deref().unwrap_or(""),
+                        name,
+                        object,
+                        target.subresource,
+                    )
+                }),
+            (&Method::PATCH, Some(name)) => {
+                let content_type = headers
+                    .get(axum::http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if content_type.starts_with("application/json-patch") {
+                    Err(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        "JSON patches are not supported by this emulation; use a merge patch",
+                    ))
+                } else {
+                    self.patch(&target, name, &body)
+                }
+            }
+            (&Method::DELETE, Some(name)) => self.delete(
+                target.resource,
+                target.namespace.as_deref().unwrap_or(""),
+                name,
+            ),
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("{method} is not supported on {path}"),
+            )),
+        };
+        match result {
+            Ok(v) => json_body(&v),
+            Err(e) => e.into_response(),
+        }
+    }
+
+    fn patch(&self, target: &Target, name: &str, body: &[u8]) -> Result<Value, ApiError> {
+        let patch: Value = serde_json::from_slice(body).map_err(|e| bad_request(&e))?;
+        let namespace = target.namespace.as_deref().unwrap_or("");
+        let mut object = self
+            .get(target.resource, namespace, name)
+            .ok_or_else(|| not_found(target.resource, name))?;
+        merge_patch(&mut object, &patch);
+        // A patch applies to the current version.
+        object["metadata"]["resourceVersion"] = Value::Null;
+        self.update(target.resource, namespace, name, object, target.subresource)
+    }
+
+    fn list(&self, target: &Target, query: &BTreeMap<String, String>) -> Value {
+        let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        let items: Vec<Value> = objects
+            .items
+            .iter()
+            .filter(|((plural, ns, _), object)| {
+                *plural == target.resource.plural
+                    && target.namespace.as_ref().is_none_or(|want| want == ns)
+                    && selected(object, query)
+            })
+            .map(|(_, object)| object.clone())
+            .collect();
+        json!({
+            "kind": format!("{}List", target.resource.kind),
+            "apiVersion": target.resource.api_version(),
+            "metadata": { "resourceVersion": objects.version.to_string() },
+            "items": items,
+        })
+    }
+
+    fn watch(self: Arc<Self>, target: Target, query: &BTreeMap<String, String>) -> Response {
+        let query = query.clone();
+        let bookmarks = is_true(query.get("allowWatchBookmarks"));
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(1800));
+        let since: Option<u64> = query
+            .get("resourceVersion")
+            .filter(|v| !v.is_empty() && *v != "0")
+            .and_then(|v| v.parse().ok());
+        // Subscribe before reading the history, so no event falls between the two.
+        let mut live = self.events.subscribe();
+        let mut cuts = self.cuts.subscribe();
+        let (backlog, mut last) = {
+            let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+            match since {
+                Some(v) if v < objects.compacted => {
+                    let gone = ApiError::new(
+                        StatusCode::GONE,
+                        "Expired",
+                        format!("too old resource version: {v} ({})", objects.compacted + 1),
+                    );
+                    let line = json!({"type": "ERROR", "object": gone.status()}).to_string() + "\n";
+                    return json_stream(Body::from(line));
+                }
+                Some(v) => (
+                    objects
+                        .history
+                        .iter()
+                        .filter(|e| e.version > v && e.resource == target.resource)
+                        .map(|e| (e.kind, e.object.clone()))
+                        .collect::<Vec<_>>(),
+                    objects.version,
+                ),
+                None => (
+                    objects
+                        .items
+                        .iter()
+                        .filter(|((plural, ns, _), _)| {
+                            *plural == target.resource.plural
+                                && target.namespace.as_ref().is_none_or(|want| want == ns)
+                        })
+                        .map(|(_, o)| ("ADDED", o.clone()))
+                        .collect(),
+                    objects.version,
+                ),
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let resource = target.resource;
+        tokio::spawn(async move {
+            let line = |kind: &str, object: &Value| {
+                Bytes::from(json!({"type": kind, "object": object}).to_string() + "\n")
+            };
+            let in_scope = |object: &Value| {
+                target
+                    .namespace
+                    .as_ref()
+                    .is_none_or(|want| object["metadata"]["namespace"].as_str() == Some(want))
+            };
+            for (kind, object) in backlog {
+                if in_scope(&object)
+                    && selected(&object, &query)
+                    && tx.send(Ok(line(kind, &object))).await.is_err()
+                {
+                    return;
+                }
+            }
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = cuts.recv() => return,
+                    _ = ticks.tick(), if bookmarks => {
+                        let mark = json!({"kind": resource.kind, "apiVersion": resource.api_version(),
+                            "metadata": {"resourceVersion": last.to_string()}});
+                        if tx.send(Ok(line("BOOKMARK", &mark))).await.is_err() {
+                            return;
+                        }
+                    }
+                    event = live.recv() => match event {
+                        Ok(event) => {
+                            if event.version <= last {
+                                continue;
+                            }
+                            last = event.version;
+                            if event.resource != resource || !in_scope(&event.object) {
+                                continue;
+                            }
+                            // A change that moves an object out of a label selector is a
+                            // deletion for this watch, as the real server sends it.
+                            let kind = if selected(&event.object, &query) { event.kind } else if event.kind == "MODIFIED" { "DELETED" } else { continue };
+                            if tx.send(Ok(line(kind, &event.object))).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Fell behind: end the watch; the client resumes (or relists on 410).
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+        json_stream(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+fn json_stream(body: Body) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Subresource {
+    Whole,
+    Status,
+}
+
+/// What a path names: a collection (all namespaces or one) or an item, maybe its status.
+#[derive(Debug, Clone)]
+struct Target {
+    resource: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Subresource,
+}
+
+impl Target {
+    fn parse(path: &str) -> Option<Self> {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (group, version, rest) = match parts.as_slice() {
+            ["api", version, rest @ ..] => ("", *version, rest),
+            ["apis", group, version, rest @ ..] => (*group, *version, rest),
+            _ => return None,
+        };
+        let find = |plural: &str| {
+            RESOURCES
+                .iter()
+                .find(|r| r.group == group && r.version == version && r.plural == plural)
+                .copied()
+        };
+        let (resource, namespace, rest) = match rest {
+            ["namespaces", ns, plural, rest @ ..] if find(plural).is_some_and(|r| r.namespaced) => {
+                (find(plural)?, Some(decode(ns)), rest)
+            }
+            [plural, rest @ ..] => (find(plural)?, None, rest),
+            _ => return None,
+        };
+        let (name, subresource) = match rest {
+            [] => (None, Subresource::Whole),
+            [name] => (Some(decode(name)), Subresource::Whole),
+            [name, "status"] => (Some(decode(name)), Subresource::Status),
+            _ => return None,
+        };
+        Some(Self {
+            resource,
+            namespace,
+            name,
+            subresource,
+        })
+    }
+}
+
+fn scope(resource: Resource, namespace: &str) -> String {
+    if resource.namespaced {
+        namespace.to_string()
+    } else {
+        String::new()
+    }
+}
+
+fn not_found(resource: Resource, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{} \"{name}\" not found", resource.plural),
+    )
+}
+
+fn bad_request(e: &serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "BadRequest",
+        format!("the body is not a JSON object: {e}"),
+    )
+}
+
+fn is_true(v: Option<&String>) -> bool {
+    matches!(v.map(String::as_str), Some("1" | "true"))
+}
+
+/// Percent-decoding of a query or path part (`+` is a space in queries).
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `object` matches the query's label and field selectors.
+fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
+    let labels = &object["metadata"]["labels"];
+    let label = |k: &str| labels[k].as_str();
+    let labels_ok = query.get("labelSelector").is_none_or(|selector| {
+        selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+            if let Some((k, v)) = term.split_once("!=") {
+                label(k.trim()) != Some(v.trim())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                label(k.trim()) == Some(v.trim())
+            } else if let Some(k) = term.strip_prefix('!') {
+                label(k.trim()).is_none()
+            } else {
+                label(term.trim()).is_some()
+            }
+        })
+    });
+    let fields_ok = query.get("fieldSelector").is_none_or(|selector| {
+        selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+            let (k, v, equal) = match term.split_once("!=") {
+                Some((k, v)) => (k, v, false),
+                None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                    Some((k, v)) => (k, v, true),
+                    None => return false,
+                },
+            };
+            let value = k
+                .split('.')
+                .fold(object, |o, part| &o[part])
+                .as_str()
+                .unwrap_or_default();
+            (value == v) == equal
+        })
+    });
+    labels_ok && fields_ok
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(map) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            for (k, v) in map {
+                if v.is_null() {
+                    if let Some(t) = target.as_object_mut() {
+                        t.remove(k);
+                    }
+                } else {
+                    merge_patch(&mut target[k.as_str()], v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// The discovery documents kubectl reads before anything else.
+fn discovery(path: &str) -> Option<Value> {
+    let resources = |group: &str, version: &str| -> Value {
+        let list: Vec<Value> = RESOURCES
+            .iter()
+            .filter(|r| r.group == group && r.version == version)
+            .flat_map(|r| {
+                let main = json!({
+                    "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
+                    "kind": r.kind, "shortNames": r.short,
+                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                });
+                let status = json!({
+                    "name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
+                    "kind": r.kind, "verbs": ["get", "patch", "update"],
+                });
+                [main, status]
+            })
+            .collect();
+        let group_version = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": list})
+    };
+    if let Some(v) = openapi_v3(path) {
+        return Some(v);
+    }
+    match path {
+        "/version" => Some(json!({
+            "major": "1", "minor": "33", "gitVersion": "v1.33.0-meshlet-lab", "gitCommit": "", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64",
+        })),
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]})),
+        "/apis" => {
+            let mut groups: Vec<&str> = RESOURCES
+                .iter()
+                .map(|r| r.group)
+                .filter(|g| !g.is_empty())
+                .collect();
+            groups.dedup();
+            Some(
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups.iter().map(|g| {
+                let gv = format!("{g}/v1");
+                json!({"name": g, "versions": [{"groupVersion": gv, "version": "v1"}],
+                       "preferredVersion": {"groupVersion": gv, "version": "v1"}})
+            }).collect::<Vec<_>>()}),
+            )
+        }
+        "/api/v1" => Some(resources("", "v1")),
+        _ => {
+            let rest = path.strip_prefix("/apis/")?;
+            let (group, version) = rest.split_once('/')?;
+            if version.contains('/')
+                || !RESOURCES
+                    .iter()
+                    .any(|r| r.group == group && r.version == version)
+            {
+                return None;
+            }
+            Some(resources(group, version))
+        }
+    }
+}
+
+/// The OpenAPI v3 documents kubectl reads to learn whether the server validates fields itself
+/// (`fieldValidation` on each kind's PATCH operation): it then sends `fieldValidation=Strict`
+/// instead of validating against schemas this emulation does not carry. The emulation takes
+/// the parameter and, unlike the real server, does not check unknown fields.
+fn openapi_v3(path: &str) -> Option<Value> {
+    let group_versions: Vec<(&str, &str)> = {
+        let mut gvs: Vec<(&str, &str)> = RESOURCES.iter().map(|r| (r.group, r.version)).collect();
+        gvs.sort_unstable();
+        gvs.dedup();
+        gvs
+    };
+    let prefix = |group: &str, version: &str| {
+        if group.is_empty() {
+            format!("api/{version}")
+        } else {
+            format!("apis/{group}/{version}")
+        }
+    };
+    if path == "/openapi/v3" {
+        let paths: serde_json::Map<String, Value> = group_versions
+            .iter()
+            .map(|(g, v)| {
+                let p = prefix(g, v);
+                (
+                    p.clone(),
+                    json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=meshlet-lab")}),
+                )
+            })
+            .collect();
+        return Some(json!({ "paths": paths }));
+    }
+    let wanted = path.strip_prefix("/openapi/v3/")?;
+    let (group, version) = group_versions
+        .iter()
+        .find(|(g, v)| prefix(g, v) == wanted)
+        .copied()?;
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let item = if r.namespaced {
+            format!("/{wanted}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("/{wanted}/{}/{{name}}", r.plural)
+        };
+        paths.insert(
+            item,
+            json!({"patch": {
+                "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "OK"}},
+            }}),
+        );
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_collections_items_and_status() {
+        let t = Target::parse("/api/v1/namespaces/default/pods/web/status").expect("item status");
+        assert_eq!(t.resource, PODS);
+        assert_eq!(t.namespace.as_deref(), Some("default"));
+        assert_eq!(t.name.as_deref(), Some("web"));
+        assert!(matches!(t.subresource, Subresource::Status));
+        let t = Target::parse("/apis/discovery.k8s.io/v1/endpointslices").expect("all");
+        assert_eq!(t.resource, ENDPOINT_SLICES);
+        assert!(t.namespace.is_none() && t.name.is_none());
+        let t = Target::parse("/api/v1/namespaces/plain").expect("a namespace");
+        assert_eq!(t.resource, NAMESPACES);
+        assert_eq!(t.name.as_deref(), Some("plain"));
+        assert!(Target::parse("/api/v1/secrets").is_none());
+    }
+
+    #[test]
+    fn selectors_and_merge_patches() {
+        let object = json!({"metadata": {"name": "a", "namespace": "x", "labels": {"app": "web"}}});
+        let q = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(selected(&object, &q("labelSelector", "app=web")));
+        assert!(!selected(&object, &q("labelSelector", "app!=web")));
+        assert!(selected(&object, &q("labelSelector", "!tier,app")));
+        assert!(selected(
+            &object,
+            &q("fieldSelector", "metadata.namespace=x")
+        ));
+        assert!(!selected(&object, &q("fieldSelector", "metadata.name=b")));
+        let mut o = object.clone();
+        merge_patch(
+            &mut o,
+            &json!({"metadata": {"labels": {"app": null, "mesh": "on"}}}),
+        );
+        assert_eq!(o["metadata"]["labels"], json!({"mesh": "on"}));
+        assert_eq!(decode("app%3Dweb%2Cx"), "app=web,x");
+    }
+}

@@ -1,0 +1,135 @@
+//! The emulated Kubernetes API server against the real `kubectl`: an independent client
+//! that reads discovery, lists, creates from YAML, patches labels, watches and deletes. No
+//! root, no lab.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use meshlet_lab::kube_api::{KubeApi, NAMESPACES, PODS};
+use serde_json::{json, Value};
+
+struct Kubectl {
+    dir: std::path::PathBuf,
+}
+
+impl Kubectl {
+    fn new(api: &KubeApi) -> Self {
+        let dir = std::env::temp_dir().join(format!("meshlet-kube-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("kubeconfig"), api.kubeconfig("test")).expect("kubeconfig");
+        Self { dir }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.arg("--kubeconfig")
+            .arg(self.dir.join("kubeconfig"))
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl (setup installs it)");
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("stdin");
+        }
+        drop(input);
+        let out = child.wait_with_output().expect("kubectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Kubectl {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn kubectl_lists_creates_labels_watches_and_deletes() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let api = runtime.block_on(KubeApi::start()).expect("API server");
+    api.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
+        .expect("namespace");
+    api.create(
+        PODS,
+        json!({"metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "app", "image": "x"}]},
+               "status": {"phase": "Running", "podIP": "10.244.1.2"}}),
+    )
+    .expect("pod");
+    let kubectl = Kubectl::new(&api);
+
+    let (ok, out, err) = kubectl.run(&["get", "pods", "-o", "json"], None);
+    assert!(ok, "kubectl get pods: {err}");
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list["items"][0]["metadata"]["name"], "web");
+    assert_eq!(list["items"][0]["status"]["podIP"], "10.244.1.2");
+
+    // A watch sees what happens after it started.
+    let mut watch = kubectl
+        .command(&["get", "pods", "--watch", "-o", "name"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl watch");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+        Some("pod/web")
+    );
+
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: api\n  namespace: default\nspec:\n  containers:\n  - name: app\n    image: x\n";
+    let (ok, out, err) = kubectl.run(&["create", "-f", "-"], Some(yaml));
+    assert!(ok, "kubectl create: {out} {err}");
+    assert!(out.contains("pod/api created"), "{out}");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).ok().as_deref(),
+        Some("pod/api")
+    );
+    let (ok, _, err) = kubectl.run(&["create", "-f", "-"], Some(yaml));
+    assert!(!ok && err.contains("already exists"), "{err}");
+
+    let (ok, _, err) = kubectl.run(&["label", "pod", "api", "tier=back"], None);
+    assert!(ok, "kubectl label: {err}");
+    let labelled = api.get(PODS, "default", "api").expect("api");
+    assert_eq!(labelled["metadata"]["labels"]["tier"], "back");
+    let (ok, out, err) = kubectl.run(&["get", "pods", "-l", "tier=back", "-o", "name"], None);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "pod/api", "label selector");
+
+    let (ok, _, err) = kubectl.run(&["delete", "pod", "api", "--wait=false"], None);
+    assert!(ok, "kubectl delete: {err}");
+    assert!(api.get(PODS, "default", "api").is_none());
+    let (ok, _, err) = kubectl.run(&["get", "pod", "api"], None);
+    assert!(!ok && err.contains("not found"), "{err}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
