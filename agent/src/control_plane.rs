@@ -49,7 +49,8 @@ pub enum ControlPlaneError {
     NoRoots(PathBuf),
     #[error(
         "this node has no node certificate in {dir} and no join token: create one with \
-         `meshlet-controlplane token create --node {node}` and pass it with --join-token-file"
+         `meshlet-controlplane token create --node {node}` and pass it with --join-token-file \
+         (in Kubernetes: --service-account-token-file with the pod's projected token)"
     )]
     NoToken { dir: PathBuf, node: String },
     #[error("the control plane refused to let node {node} join: {status}")]
@@ -78,6 +79,9 @@ pub struct ControlPlaneSettings {
     pub identity_dir: PathBuf,
     /// A join token, needed only when the folder holds no valid node certificate.
     pub token_file: Option<PathBuf>,
+    /// In Kubernetes, instead: the agent pod's projected service account token, re-read at
+    /// every join (the kubelet rotates it).
+    pub service_account_token_file: Option<PathBuf>,
 }
 
 /// The node's certificate and key, swapped in place on renewal; none before the join.
@@ -388,13 +392,25 @@ impl ControlPlane {
         provider: &Arc<CryptoProvider>,
         verifier: Arc<ControlPlaneVerifier>,
     ) -> Result<NodeCertificate, ControlPlaneError> {
-        let Some(token_file) = &settings.token_file else {
-            return Err(ControlPlaneError::NoToken {
-                dir: settings.identity_dir.clone(),
-                node: settings.node.clone(),
-            });
-        };
-        let token = read("join token", token_file)?.trim().to_string();
+        let (token, service_account_token, how) =
+            match (&settings.service_account_token_file, &settings.token_file) {
+                (Some(file), _) => (
+                    String::new(),
+                    read("service account token", file)?.trim().to_string(),
+                    "the pod's service account token",
+                ),
+                (None, Some(file)) => (
+                    read("join token", file)?.trim().to_string(),
+                    String::new(),
+                    "the join token",
+                ),
+                (None, None) => {
+                    return Err(ControlPlaneError::NoToken {
+                        dir: settings.identity_dir.clone(),
+                        node: settings.node.clone(),
+                    })
+                }
+            };
         // No node certificate yet: the join is the one call made without one.
         let config = link_tls(provider, verifier, None)?;
         let (_open, open) = tokio::sync::watch::channel(true);
@@ -407,6 +423,7 @@ impl ControlPlane {
             node: settings.node.clone(),
             token,
             csr_pem,
+            service_account_token,
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(crate::identity::CALL_DEADLINE);
@@ -422,7 +439,7 @@ impl ControlPlane {
         let cert = accept_chain(provider, &uri, &key_pem, &chain)?;
         store(settings, &key_pem, &chain)?;
         tracing::info!(target: "audit", event = "node_joined", node = %settings.node,
-            "joined the control plane with the join token; node certificate stored");
+            "joined the control plane with {how}; node certificate stored");
         Ok(cert)
     }
 
@@ -634,6 +651,7 @@ mod tests {
             roots_file: dir.join("roots.pem"),
             identity_dir: dir.clone(),
             token_file: None,
+            service_account_token_file: None,
         };
         let uri = ControlPlane::expected_node_uri(&settings);
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");

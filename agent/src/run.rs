@@ -36,8 +36,12 @@ pub struct AgentConfig {
     #[arg(long, default_value = "/var/lib/meshlet/node")]
     pub node_identity_dir: PathBuf,
     /// A file with the join token for this node (needed once, for the first start).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "service_account_token_file")]
     pub join_token_file: Option<PathBuf>,
+    /// In Kubernetes: the agent pod's projected service account token (audience `meshlet`),
+    /// with which the node joins instead of a join token; re-read at every join.
+    #[arg(long)]
+    pub service_account_token_file: Option<PathBuf>,
     /// Unix socket for the node-local pod API (the CNI side).
     #[arg(long, default_value = "/run/meshlet/agent.sock")]
     pub node_socket: PathBuf,
@@ -181,6 +185,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             roots_file: config.control_plane_roots.clone(),
             identity_dir: config.node_identity_dir.clone(),
             token_file: config.join_token_file.clone(),
+            service_account_token_file: config.service_account_token_file.clone(),
         },
         tls_settings.provider.clone(),
         bundle.clone(),

@@ -72,6 +72,22 @@ struct Args {
     /// account, or $KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
+    /// Kubernetes mode: the mesh's root namespace (its selector-less PeerAuthentication is the
+    /// mesh default, its AuthorizationPolicies apply mesh-wide, its ConfigMap `meshlet` holds
+    /// the mesh settings).
+    #[arg(long, default_value = kubernetes::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Kubernetes mode: also read Istio's `security.istio.io/v1` PeerAuthentications and
+    /// AuthorizationPolicies (a cluster moving from Istio keeps its policies).
+    #[arg(long)]
+    istio_policies: bool,
+    /// Kubernetes mode: the agents' service account (`namespace/name`); a node joins with a
+    /// projected token of it, bound to an agent pod on that node.
+    #[arg(long, default_value = "meshlet-system/meshlet-agent")]
+    agent_service_account: String,
+    /// Kubernetes mode: the audience the agents' tokens are made for.
+    #[arg(long, default_value = "meshlet")]
+    token_audience: String,
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -224,11 +240,29 @@ async fn main() -> anyhow::Result<()> {
         pki::watch_files(files, args.trust_domain.clone(), ca.clone(), tx.clone());
         (ca, rx, tx)
     };
+    let mut reviewer = None;
     let registry = match &args.workloads {
         Some(file) => registry::watch_file(file.clone())?,
         None => {
             let client = kubernetes::client(args.kubeconfig.as_ref()).await?;
-            kubernetes::watch_cluster(client).await
+            let (namespace, service_account) = args
+                .agent_service_account
+                .split_once('/')
+                .context("--agent-service-account must be namespace/name")?;
+            reviewer = Some(kubernetes::node_auth::TokenReviewer {
+                client: client.clone(),
+                namespace: namespace.to_string(),
+                service_account: service_account.to_string(),
+                audience: args.token_audience.clone(),
+            });
+            kubernetes::watch_cluster(
+                client,
+                kubernetes::Options {
+                    root_namespace: args.root_namespace.clone(),
+                    istio_policies: args.istio_policies,
+                },
+            )
+            .await
         }
     };
     let published = publish::merge(registry.clone(), trust.clone());
@@ -236,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
         ca: ca.clone(),
         tokens: tokens::TokenStore::new(&args.state_dir),
         lifetime: Duration::from_secs(args.node_cert_lifetime),
+        reviewer,
     };
     let serving = node_auth::TlsServing {
         ca: ca.clone(),

@@ -91,6 +91,8 @@ pub struct NodeIdentity {
     pub ca: Arc<CertificateAuthority>,
     pub tokens: TokenStore,
     pub lifetime: Duration,
+    /// In Kubernetes mode: agents join with their pod's service account token.
+    pub reviewer: Option<crate::kubernetes::node_auth::TokenReviewer>,
 }
 
 impl NodeIdentity {
@@ -123,6 +125,28 @@ impl NodeIdentityService for NodeIdentity {
         request: Request<JoinRequest>,
     ) -> Result<Response<NodeCertificateResponse>, Status> {
         let req = request.into_inner();
+        if !req.service_account_token.is_empty() {
+            let Some(reviewer) = &self.reviewer else {
+                tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
+                    error = "service account token, but this control plane does not read Kubernetes", "join refused");
+                return Err(Status::unauthenticated(
+                    "this control plane does not read Kubernetes: join with a join token",
+                ));
+            };
+            return match reviewer.check(&req.service_account_token, &req.node).await {
+                Ok(()) => self.issue(&req.node, &req.csr_pem, "node_joined"),
+                Err(e @ crate::kubernetes::node_auth::NodeAuthError::Api(_)) => {
+                    tracing::error!(target: "audit", event = "node_join_refused", node = %req.node,
+                        method = "kubernetes", error = %e, "join failed");
+                    Err(Status::unavailable(e.to_string()))
+                }
+                Err(e) => {
+                    tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
+                        method = "kubernetes", error = %e, "join refused");
+                    Err(Status::permission_denied(e.to_string()))
+                }
+            };
+        }
         let tokens = self.tokens.clone();
         let (node, token) = (req.node.clone(), req.token.clone());
         let consumed = tokio::task::spawn_blocking(move || tokens.consume(&node, &token))

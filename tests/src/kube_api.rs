@@ -99,7 +99,63 @@ pub const ENDPOINT_SLICES: Resource = Resource {
     short: &[],
 };
 
-const RESOURCES: &[Resource] = &[NAMESPACES, NODES, PODS, SERVICES, ENDPOINT_SLICES];
+pub const CONFIG_MAPS: Resource = Resource {
+    group: "",
+    version: "v1",
+    plural: "configmaps",
+    kind: "ConfigMap",
+    namespaced: true,
+    short: &["cm"],
+};
+pub const PEER_AUTHENTICATIONS: Resource = Resource {
+    group: "security.meshlet.dev",
+    version: "v1",
+    plural: "peerauthentications",
+    kind: "PeerAuthentication",
+    namespaced: true,
+    short: &["pa"],
+};
+pub const AUTHORIZATION_POLICIES: Resource = Resource {
+    group: "security.meshlet.dev",
+    version: "v1",
+    plural: "authorizationpolicies",
+    kind: "AuthorizationPolicy",
+    namespaced: true,
+    short: &["ap"],
+};
+pub const ISTIO_PEER_AUTHENTICATIONS: Resource = Resource {
+    group: "security.istio.io",
+    ..PEER_AUTHENTICATIONS
+};
+pub const ISTIO_AUTHORIZATION_POLICIES: Resource = Resource {
+    group: "security.istio.io",
+    ..AUTHORIZATION_POLICIES
+};
+
+pub const TOKEN_REVIEWS: Resource = Resource {
+    group: "authentication.k8s.io",
+    version: "v1",
+    plural: "tokenreviews",
+    kind: "TokenReview",
+    namespaced: false,
+    short: &[],
+};
+
+/// The resources served: core and discovery ones, and the CRDs `deploy/` installs (meshlet's
+/// policy kinds, and Istio's for clusters that keep them).
+const RESOURCES: &[Resource] = &[
+    NAMESPACES,
+    NODES,
+    PODS,
+    SERVICES,
+    CONFIG_MAPS,
+    ENDPOINT_SLICES,
+    PEER_AUTHENTICATIONS,
+    AUTHORIZATION_POLICIES,
+    ISTIO_PEER_AUTHENTICATIONS,
+    ISTIO_AUTHORIZATION_POLICIES,
+    TOKEN_REVIEWS,
+];
 
 /// How many events a watch can resume from; older versions get 410.
 const HISTORY: usize = 4096;
@@ -131,6 +187,14 @@ pub struct KubeApi {
     /// While set, every request gets 503 (the API server is "down").
     down: AtomicBool,
     uids: AtomicU64,
+    /// Signs the service account tokens it mints (HS256; only this server verifies them).
+    signing_key: [u8; 32],
+    /// Bearer token → (user, ClusterRole rules) for callers held to a role; any other
+    /// caller is an administrator.
+    roles: Mutex<BTreeMap<String, (String, Vec<Rule>)>>,
+    /// The serving certificate's CA (PEM), for kubeconfigs: clients send their bearer token
+    /// only over TLS, as kubectl does.
+    ca_pem: String,
     pub addr: SocketAddr,
 }
 
@@ -193,15 +257,20 @@ fn now_rfc3339() -> String {
 }
 
 impl KubeApi {
-    /// Starts the emulation on 127.0.0.1 (a free port) in the current tokio runtime.
+    /// Starts the emulation on https://127.0.0.1 (a free port) in the current tokio runtime,
+    /// with a certificate from a CA of its own.
     pub async fn start() -> anyhow::Result<Arc<Self>> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (ca_pem, tls) = serving_tls()?;
         let api = Arc::new(Self {
             objects: Mutex::new(Objects::default()),
             events: broadcast::channel(HISTORY).0,
             cuts: broadcast::channel(4).0,
             down: AtomicBool::new(false),
             uids: AtomicU64::new(1),
+            signing_key: rand::random(),
+            roles: Mutex::new(BTreeMap::new()),
+            ca_pem,
             addr: listener.local_addr()?,
         });
         let state = api.clone();
@@ -211,18 +280,231 @@ impl KubeApi {
                 async move { api.handle(method, uri, headers, body).await }
             },
         );
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, router) = (acceptor.clone(), router.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
         });
         Ok(api)
     }
 
-    /// A kubeconfig for this server (no TLS: loopback only), with a bearer token.
+    /// A kubeconfig for this server (its CA, a bearer token).
     pub fn kubeconfig(&self, token: &str) -> String {
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://{}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user:\n    token: {token}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user:\n    token: {token}\n",
             self.addr
         )
+    }
+
+    /// Holds the caller with bearer `token` (acting as `user`) to the rules of the
+    /// ClusterRole named `role` in the YAML documents `manifests` (as `deploy/` ships them): a
+    /// request those rules do not allow gets 403 Forbidden.
+    pub fn bind_role(
+        &self,
+        token: &str,
+        user: &str,
+        manifests: &str,
+        role: &str,
+    ) -> anyhow::Result<()> {
+        let mut rules = None;
+        for document in serde_norway::Deserializer::from_str(manifests) {
+            let value: Value = serde::Deserialize::deserialize(document)?;
+            if value["kind"] == "ClusterRole" && value["metadata"]["name"] == role {
+                rules = Some(serde_json::from_value::<Vec<Rule>>(value["rules"].clone())?);
+            }
+        }
+        let rules =
+            rules.ok_or_else(|| anyhow::anyhow!("no ClusterRole {role} in the manifests"))?;
+        self.roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string(), (user.to_string(), rules));
+        Ok(())
+    }
+
+    /// RBAC: whether the caller may `verb` the target (403 with the real server's words if
+    /// not).
+    fn authorize(&self, headers: &HeaderMap, verb: &str, target: &Target) -> Result<(), ApiError> {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let roles = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((user, rules)) = roles.get(token) else {
+            return Ok(());
+        };
+        let resource = match target.subresource {
+            Subresource::Whole => target.resource.plural.to_string(),
+            Subresource::Status => format!("{}/status", target.resource.plural),
+        };
+        let allowed = rules.iter().any(|r| {
+            r.api_groups
+                .iter()
+                .any(|g| g == target.resource.group || g == "*")
+                && r.resources.iter().any(|x| *x == resource || x == "*")
+                && r.verbs.iter().any(|v| v == verb || v == "*")
+        });
+        if allowed {
+            return Ok(());
+        }
+        let scope = match &target.namespace {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".into(),
+        };
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "{resource} is forbidden: User \"{user}\" cannot {verb} resource \"{resource}\" in API group \"{}\" {scope}",
+                target.resource.group
+            ),
+        ))
+    }
+
+    /// A projected service account token, as the kubelet would mount in `pod` (of
+    /// `namespace`, running as `service_account`): a JWT for `audience`, valid `ttl` from now
+    /// (negative: already expired), bound to the pod's name and uid.
+    pub fn mint_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        audience: &str,
+        ttl_seconds: i64,
+    ) -> Result<String, ApiError> {
+        use base64::Engine;
+        let uid = self
+            .get(PODS, namespace, pod)
+            .and_then(|p| p["metadata"]["uid"].as_str().map(str::to_string))
+            .ok_or_else(|| not_found(PODS, pod))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = json!({
+            "iss": "https://kubernetes.default.svc.cluster.local", "aud": [audience],
+            "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+            "iat": now, "nbf": now, "exp": now + ttl_seconds,
+            "kubernetes.io": {"namespace": namespace, "pod": {"name": pod, "uid": uid},
+                              "serviceaccount": {"name": service_account}},
+        });
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let signing_input = format!(
+            "{}.{}",
+            b64.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string()),
+            b64.encode(claims.to_string())
+        );
+        let signature = b64.encode(self.sign(signing_input.as_bytes()));
+        Ok(format!("{signing_input}.{signature}"))
+    }
+
+    fn sign(&self, data: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.signing_key)
+            .expect("HMAC takes any key length");
+        mac.update(data);
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// `TokenReview` (authentication.k8s.io/v1): the status the real server gives a bound
+    /// service account token: authenticated, the user, the pod claims as extras and the
+    /// audiences it is valid for; or not authenticated, with why.
+    fn review(&self, review: &Value) -> Value {
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let wanted: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let status = match self.verify(token, &wanted) {
+            Ok(status) => status,
+            Err(error) => json!({"authenticated": false, "error": error}),
+        };
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status})
+    }
+
+    fn verify(&self, token: &str, wanted: &[String]) -> Result<Value, String> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let invalid = || "invalid bearer token".to_string();
+        let (signing_input, signature) = token.rsplit_once('.').ok_or_else(invalid)?;
+        let signature = b64.decode(signature).map_err(|_| invalid())?;
+        {
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.signing_key)
+                .map_err(|_| invalid())?;
+            mac.update(signing_input.as_bytes());
+            mac.verify_slice(&signature).map_err(|_| invalid())?;
+        }
+        let claims = signing_input.split('.').nth(1).ok_or_else(invalid)?;
+        let claims: Value = serde_json::from_slice(&b64.decode(claims).map_err(|_| invalid())?)
+            .map_err(|_| invalid())?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if claims["exp"].as_i64().is_none_or(|exp| exp < now) {
+            return Err("[invalid bearer token, service account token has expired]".into());
+        }
+        let audiences: Vec<String> = claims["aud"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let granted: Vec<String> = if wanted.is_empty() {
+            audiences.clone()
+        } else {
+            wanted
+                .iter()
+                .filter(|w| audiences.contains(w))
+                .cloned()
+                .collect()
+        };
+        if granted.is_empty() {
+            return Err("[invalid bearer token, token audiences don't match]".into());
+        }
+        let k8s = &claims["kubernetes.io"];
+        let namespace = k8s["namespace"].as_str().unwrap_or_default();
+        let pod = k8s["pod"]["name"].as_str().unwrap_or_default();
+        let uid = k8s["pod"]["uid"].as_str().unwrap_or_default();
+        // A bound token dies with its pod (the real server checks the bound object).
+        match self.get(PODS, namespace, pod) {
+            Some(p) if p["metadata"]["uid"].as_str() == Some(uid) => {}
+            Some(_) => {
+                return Err(format!(
+                    "[invalid bearer token, pod {pod} has a different uid than the token's {uid}]"
+                ))
+            }
+            None => return Err(format!("[invalid bearer token, pods \"{pod}\" not found]")),
+        }
+        let username = claims["sub"].as_str().unwrap_or_default();
+        Ok(json!({
+            "authenticated": true,
+            "user": {"username": username,
+                     "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"],
+                     "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                               "authentication.kubernetes.io/pod-uid": [uid]}},
+            "audiences": granted,
+        }))
     }
 
     /// Ends every open watch (clients resume from their last version).
@@ -346,6 +628,7 @@ impl KubeApi {
         meta["uid"] = json!(uid);
         meta["resourceVersion"] = json!(objects.version.to_string());
         meta["creationTimestamp"] = json!(now_rfc3339());
+        meta["generation"] = json!(1);
         if resource.namespaced {
             meta["namespace"] = json!(namespace);
         }
@@ -397,6 +680,22 @@ impl KubeApi {
                 object["metadata"]["namespace"] = current["metadata"]["namespace"].clone();
                 object["apiVersion"] = json!(resource.api_version());
                 object["kind"] = json!(resource.kind);
+                // The spec's generation moves with the spec, not with the status (which this
+                // endpoint leaves as it was, as for resources with a status subresource).
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                object["metadata"]["generation"] = json!(if object["spec"] == current["spec"] {
+                    generation
+                } else {
+                    generation + 1
+                });
+                match current.get("status") {
+                    Some(status) => object["status"] = status.clone(),
+                    None => {
+                        if let Some(map) = object.as_object_mut() {
+                            map.remove("status");
+                        }
+                    }
+                }
                 object
             }
         };
@@ -466,6 +765,19 @@ impl KubeApi {
             )
             .into_response();
         };
+        let verb = match (&method, &target.name) {
+            (&Method::GET, None) if is_true(query.get("watch")) => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        if let Err(e) = self.authorize(&headers, verb, &target) {
+            return e.into_response();
+        }
         let result = match (&method, &target.name) {
             (&Method::GET, None) if is_true(query.get("watch")) => {
                 return self.watch(target, &query);
@@ -478,6 +790,14 @@ impl KubeApi {
                     name,
                 )
                 .ok_or_else(|| not_found(target.resource, name)),
+            (&Method::POST, None) if target.resource == TOKEN_REVIEWS => {
+                return match serde_json::from_slice::<Value>(&body) {
+                    Ok(review) => {
+                        (StatusCode::CREATED, json_body(&self.review(&review))).into_response()
+                    }
+                    Err(e) => bad_request(&e).into_response(),
+                };
+            }
             (&Method::POST, None) => {
                 return match serde_json::from_slice::<Value>(&body)
                     .map_err(|e| bad_request(&e))
@@ -675,12 +995,52 @@ impl KubeApi {
     }
 }
 
+/// A CA of the emulation's own and a serving certificate for 127.0.0.1 and localhost.
+fn serving_tls() -> anyhow::Result<(String, Arc<rustls::ServerConfig>)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "meshlet-lab kubernetes CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-apiserver");
+    let cert = params.signed_by(&key, &issuer)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+    Ok((ca_cert.pem(), Arc::new(config)))
+}
+
 fn json_stream(body: Body) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     )
         .into_response()
+}
+
+/// One rule of a ClusterRole.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    #[serde(default)]
+    api_groups: Vec<String>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    verbs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -268,7 +268,17 @@ impl Lab {
         if options.kubernetes {
             let api = self.runtime.block_on(crate::kube_api::KubeApi::start())?;
             write_cluster(&api, &topo)?;
-            std::fs::write(state_path("kubeconfig"), api.kubeconfig("lab-controlplane"))?;
+            // The control plane is held to the ClusterRole deploy/ ships.
+            let token = format!("controlplane-{:016x}", rand::random::<u64>());
+            api.bind_role(
+                &token,
+                "system:serviceaccount:meshlet-system:meshlet-controlplane",
+                CONTROLPLANE_RBAC,
+                "meshlet-controlplane",
+            )?;
+            std::fs::write(state_path("kubeconfig"), api.kubeconfig(&token))?;
+            // kubectl in tests acts as the cluster's administrator.
+            std::fs::write(state_path("admin-kubeconfig"), api.kubeconfig("lab-admin"))?;
             self.kube = Some(api);
         } else {
             std::fs::write(
@@ -284,9 +294,10 @@ impl Lab {
         self.kube.as_deref()
     }
 
-    /// A kubeconfig for the emulated API server (Kubernetes mode only), for kubectl.
+    /// An administrator's kubeconfig for the emulated API server (Kubernetes mode only),
+    /// for kubectl.
     pub fn kubeconfig_path(&self) -> PathBuf {
-        state_path("kubeconfig")
+        state_path("admin-kubeconfig")
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -410,19 +421,44 @@ impl Lab {
             );
         }
         let token = String::from_utf8(out.stdout)?.trim().to_string();
+        self.write_secret(node, "join-token", &token)
+    }
+
+    /// Writes `secret` to `<state>/<node>/<file>`, readable by root only.
+    pub fn write_secret(&self, node: &str, file: &str, secret: &str) -> anyhow::Result<PathBuf> {
         let dir = state_path(node);
         std::fs::create_dir_all(&dir)?;
-        let path = dir.join("join-token");
-        std::fs::write(&path, token)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let path = dir.join(file);
+        crate::pki::write_atomically(&path, secret.as_bytes())?;
         Ok(path)
     }
 
     /// The agent flags that authenticate `node` to the control plane: roots, trust domain,
     /// identity folder and a new join token.
     pub fn agent_auth_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
-        let token = self.create_join_token(node, 600)?;
         let path = |p: PathBuf| p.display().to_string();
+        if let Some(kube) = &self.kube {
+            // As the kubelet mounts it: the agent pod's projected token, audience meshlet.
+            let token = kube.mint_token(
+                "meshlet-system",
+                "meshlet-agent",
+                &agent_pod(node),
+                "meshlet",
+                3600,
+            )?;
+            let file = self.write_secret(node, "service-account-token", &token)?;
+            return Ok(vec![
+                "--control-plane-roots".into(),
+                path(self.pki().roots_path()),
+                "--trust-domain".into(),
+                self.topology.trust_domain.clone(),
+                "--node-identity-dir".into(),
+                path(state_path(&format!("{node}/identity"))),
+                "--service-account-token-file".into(),
+                path(file),
+            ]);
+        }
+        let token = self.create_join_token(node, 600)?;
         Ok(vec![
             "--control-plane-roots".into(),
             path(self.pki().roots_path()),
@@ -731,6 +767,14 @@ fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The control plane's RBAC as `deploy/` ships it.
+const CONTROLPLANE_RBAC: &str = include_str!("../../deploy/rbac/controlplane.yaml");
+
+/// The name of `node`'s agent pod in the lab's Kubernetes mode.
+pub fn agent_pod(node: &str) -> String {
+    format!("meshlet-agent-{node}")
+}
+
 /// What a cluster's kubelets and API server would hold for the lab: a Namespace per pod
 /// namespace (in the mesh), a Node per node, a running Pod per pod (pods outside the mesh
 /// carry the opt-out label).
@@ -746,7 +790,20 @@ fn write_cluster(api: &crate::kube_api::KubeApi, topo: &Topology) -> anyhow::Res
             json!({"metadata": {"name": ns, "labels": {"meshlet.dev/mesh": "enabled"}}}),
         )?;
     }
+    // The agents run as DaemonSet pods of the meshlet-agent service account, outside the mesh.
+    api.create(NAMESPACES, json!({"metadata": {"name": "meshlet-system"}}))?;
     for node in &topo.nodes {
+        api.create(
+            PODS,
+            json!({
+                "metadata": {"name": agent_pod(&node.name), "namespace": "meshlet-system",
+                             "labels": {"app": "meshlet-agent"}},
+                "spec": {"nodeName": node.name, "serviceAccountName": "meshlet-agent", "hostNetwork": true,
+                         "containers": [{"name": "agent", "image": "meshlet"}]},
+                "status": {"phase": "Running", "podIP": node.link_ip.to_string(),
+                           "podIPs": [{"ip": node.link_ip.to_string()}]},
+            }),
+        )?;
         api.create(
             NODES,
             json!({"metadata": {"name": node.name}, "spec": {"podCIDR": node.pod_cidr},

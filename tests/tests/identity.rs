@@ -20,7 +20,9 @@ use rcgen::{
 use time::OffsetDateTime;
 
 mod common;
-use common::{bin_dir, eventually, meshlet_cli, metrics, sample, send, Ping, Server};
+use common::{
+    bin_dir, eventually, meshlet_cli, metrics, sample, send, ExtraAgent, Ping, Scratch, Server,
+};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/default/sa/frontend";
 const BACKEND: &str = "spiffe://cluster.local/ns/default/sa/backend";
@@ -36,28 +38,6 @@ fn pods() -> Vec<PodSpec> {
         PodSpec::new("attacker", "node-1", "attacker").outside_mesh(),
         impostor,
     ]
-}
-
-/// A folder for the test's crafted files, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("meshlet-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A crafted certificate on disk: leaf, its key, and the chain to send after it.
@@ -774,67 +754,9 @@ fn a_server_with_another_workloads_valid_certificate_is_refused() {
     );
 }
 
-/// An agent for node `node` started in node-1's netns with its own cgroup, pins, sockets,
-/// admin port and identity folder; killed and cleaned up on drop.
-struct ExtraAgent {
-    child: std::process::Child,
-    log: PathBuf,
-    cgroup: PathBuf,
-}
-
-impl ExtraAgent {
-    fn start(lab: &Lab, scratch: &Scratch, node: &str, token: &Path, admin_port: u16) -> Self {
-        let cgroup = PathBuf::from(format!("/sys/fs/cgroup/unified/meshlet-lab/{node}"));
-        std::fs::create_dir_all(&cgroup).expect("cgroup");
-        let log = scratch.path(&format!("{node}-{admin_port}.log"));
-        let identity_dir = scratch.path(&format!("{node}-{admin_port}-identity"));
-        let child = lab
-            .command_in("node-1", bin_dir().join("meshlet").to_str().expect("path"))
-            .expect("command")
-            .args(["agent", "--node", node, "--control-plane"])
-            .arg(format!("unix:{}", lab.topology.controlplane_socket))
-            .arg("--node-socket")
-            .arg(scratch.path(&format!("{node}-{admin_port}.sock")))
-            .arg("--pod-cgroup")
-            .arg(&cgroup)
-            .arg("--bpf-pin-dir")
-            .arg(format!("/sys/fs/bpf/meshlet-lab/{node}"))
-            .arg("--admin-addr")
-            .arg(format!("127.0.0.1:{admin_port}"))
-            .arg("--control-plane-roots")
-            .arg(lab.pki().roots_path())
-            .arg("--node-identity-dir")
-            .arg(&identity_dir)
-            .arg("--join-token-file")
-            .arg(token)
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("extra agent");
-        Self { child, log, cgroup }
-    }
-
-    /// Waits until the agent's log has `needle`; answers the log.
-    fn wait_for(&self, needle: &str) -> String {
-        eventually(Duration::from_secs(15), || {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            log.contains(needle).then_some(log)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the agent never logged {needle:?}:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            )
-        })
-    }
-}
-
-impl Drop for ExtraAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir(&self.cgroup);
-    }
+/// The flag that hands an agent a join token.
+fn join_token(path: &Path) -> [std::ffi::OsString; 2] {
+    ["--join-token-file".into(), path.into()]
 }
 
 #[test]
@@ -843,24 +765,24 @@ fn join_tokens_work_once_for_their_node_until_they_expire() {
     let lab = meshlet_lab::Lab::up(&pods()[..2], &LabOptions::new(bin_dir())).expect("lab up");
     let token = lab.create_join_token("node-x", 600).expect("token");
     {
-        let first = ExtraAgent::start(&lab, &scratch, "node-x", &token, 15101);
+        let first = ExtraAgent::start(&lab, &scratch, "node-x", &join_token(&token), 15101);
         first.wait_for("event=\"node_joined\"");
         first.wait_for("applied control-plane update");
         println!("{:<48} joined", "fresh token for its node");
     }
     // The same token again (a new identity folder, so the agent must join): refused.
-    let again = ExtraAgent::start(&lab, &scratch, "node-x", &token, 15102);
+    let again = ExtraAgent::start(&lab, &scratch, "node-x", &join_token(&token), 15102);
     again.wait_for("join token already used");
     println!("{:<48} refused: already used", "reused token");
     drop(again);
     let short = lab.create_join_token("node-x", 1).expect("token");
     std::thread::sleep(Duration::from_secs(2));
-    let late = ExtraAgent::start(&lab, &scratch, "node-x", &short, 15103);
+    let late = ExtraAgent::start(&lab, &scratch, "node-x", &join_token(&short), 15103);
     late.wait_for("join token expired");
     println!("{:<48} refused: expired", "expired token");
     drop(late);
     let other = lab.create_join_token("node-y", 600).expect("token");
-    let wrong = ExtraAgent::start(&lab, &scratch, "node-x", &other, 15104);
+    let wrong = ExtraAgent::start(&lab, &scratch, "node-x", &join_token(&other), 15104);
     wrong.wait_for("join token was created for node \\\"node-y\\\"");
     println!("{:<48} refused: another node's", "another node's token");
     drop(wrong);

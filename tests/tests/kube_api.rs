@@ -16,7 +16,12 @@ struct Kubectl {
 
 impl Kubectl {
     fn new(api: &KubeApi) -> Self {
-        let dir = std::env::temp_dir().join(format!("meshlet-kube-api-{}", std::process::id()));
+        // One folder per server: the tests of this file run at once in one process.
+        let dir = std::env::temp_dir().join(format!(
+            "meshlet-kube-api-{}-{}",
+            std::process::id(),
+            api.addr.port()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(dir.join("kubeconfig"), api.kubeconfig("test")).expect("kubeconfig");
         Self { dir }
@@ -132,4 +137,40 @@ fn kubectl_lists_creates_labels_watches_and_deletes() {
     assert!(!ok && err.contains("not found"), "{err}");
     let _ = watch.kill();
     let _ = watch.wait();
+}
+
+#[test]
+fn callers_bound_to_the_shipped_cluster_role_get_exactly_its_verbs() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let api = runtime.block_on(KubeApi::start()).expect("API server");
+    api.create(
+        PODS,
+        json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"containers": []}}),
+    )
+    .expect("pod");
+    let manifests = include_str!("../../deploy/rbac/controlplane.yaml");
+    api.bind_role(
+        "cp-token",
+        "system:serviceaccount:meshlet-system:meshlet-controlplane",
+        manifests,
+        "meshlet-controlplane",
+    )
+    .expect("role");
+    let kubectl = Kubectl::new(&api);
+    std::fs::write(kubectl.dir.join("kubeconfig"), api.kubeconfig("cp-token")).expect("kubeconfig");
+    let (ok, out, err) = kubectl.run(&["get", "pods", "-A", "-o", "name"], None);
+    assert!(ok, "list is in the role: {err}");
+    assert_eq!(out.trim(), "pod/web");
+    let (ok, out, err) = kubectl.run(&["delete", "pod", "web"], None);
+    assert!(!ok, "delete is not in the role: {out} {err}");
+    assert!(
+        err.contains("forbidden") && err.contains("cannot delete resource \"pods\""),
+        "{err}"
+    );
+    let (ok, _, err) = kubectl.run(&["label", "pod", "web", "x=y"], None);
+    assert!(!ok && err.contains("cannot patch"), "{err}");
 }

@@ -388,3 +388,94 @@ impl Capture {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// A folder for the test's crafted files, removed at the end.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("meshlet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An agent for node `node` started in node-1's netns with its own cgroup, pins, sockets,
+/// admin port and identity folder; killed and cleaned up on drop. `auth` is how it
+/// authenticates (`--join-token-file F`, or `--service-account-token-file F`).
+pub struct ExtraAgent {
+    child: std::process::Child,
+    log: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl ExtraAgent {
+    pub fn start(
+        lab: &Lab,
+        scratch: &Scratch,
+        node: &str,
+        auth: &[std::ffi::OsString],
+        admin_port: u16,
+    ) -> Self {
+        let cgroup = PathBuf::from(format!("/sys/fs/cgroup/unified/meshlet-lab/{node}"));
+        std::fs::create_dir_all(&cgroup).expect("cgroup");
+        let log = scratch.path(&format!("{node}-{admin_port}.log"));
+        let identity_dir = scratch.path(&format!("{node}-{admin_port}-identity"));
+        let child = lab
+            .command_in("node-1", bin_dir().join("meshlet").to_str().expect("path"))
+            .expect("command")
+            .args(["agent", "--node", node, "--control-plane"])
+            .arg(format!("unix:{}", lab.topology.controlplane_socket))
+            .arg("--node-socket")
+            .arg(scratch.path(&format!("{node}-{admin_port}.sock")))
+            .arg("--pod-cgroup")
+            .arg(&cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(format!("/sys/fs/bpf/meshlet-lab/{node}"))
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .arg("--control-plane-roots")
+            .arg(lab.pki().roots_path())
+            .arg("--node-identity-dir")
+            .arg(&identity_dir)
+            .args(auth)
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("extra agent");
+        Self { child, log, cgroup }
+    }
+
+    /// Waits until the agent's log has `needle`; answers the log.
+    pub fn wait_for(&self, needle: &str) -> String {
+        eventually(Duration::from_secs(15), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            log.contains(needle).then_some(log)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent never logged {needle:?}:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
+    }
+}
+
+impl Drop for ExtraAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}

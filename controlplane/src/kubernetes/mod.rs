@@ -14,15 +14,19 @@ use std::{
     time::Duration,
 };
 
+pub mod node_auth;
+pub mod policy;
+
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Pod, Probe, Service},
+        core::v1::{ConfigMap, Container, Namespace, Pod, Probe, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     runtime::{reflector, reflector::Store, watcher, WatchStreamExt},
     Api, Client, Resource,
 };
@@ -30,6 +34,56 @@ use meshlet_proto::v1;
 use tokio::sync::{watch, Notify};
 
 use crate::registry::Snapshot;
+use policy::{PolicyBook, PolicyKind, PolicyObject};
+
+/// Where the mesh's own resources live: its root-namespace PeerAuthentication and
+/// AuthorizationPolicies apply mesh-wide, its ConfigMap `meshlet` holds the mesh settings.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "meshlet-system";
+/// The mesh settings ConfigMap in the root namespace.
+pub const MESH_CONFIG_MAP: &str = "meshlet";
+
+/// What to read from the cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub root_namespace: String,
+    /// Also read `security.istio.io/v1` PeerAuthentications and AuthorizationPolicies.
+    pub istio_policies: bool,
+}
+
+/// The policy APIs read: meshlet's group, and Istio's when asked.
+fn policy_apis(istio: bool) -> Vec<(ApiResource, PolicyKind)> {
+    let mut groups = vec!["security.meshlet.dev"];
+    if istio {
+        groups.push("security.istio.io");
+    }
+    groups
+        .into_iter()
+        .flat_map(|group| {
+            [
+                (
+                    ApiResource {
+                        group: group.into(),
+                        version: "v1".into(),
+                        api_version: format!("{group}/v1"),
+                        kind: "PeerAuthentication".into(),
+                        plural: "peerauthentications".into(),
+                    },
+                    PolicyKind::PeerAuthentication,
+                ),
+                (
+                    ApiResource {
+                        group: group.into(),
+                        version: "v1".into(),
+                        api_version: format!("{group}/v1"),
+                        kind: "AuthorizationPolicy".into(),
+                        plural: "authorizationpolicies".into(),
+                    },
+                    PolicyKind::AuthorizationPolicy,
+                ),
+            ]
+        })
+        .collect()
+}
 
 /// The label that puts a namespace in the mesh (`enabled`) or keeps a pod out (`disabled`).
 pub const MESH_LABEL: &str = "meshlet.dev/mesh";
@@ -78,18 +132,89 @@ pub struct Cluster {
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    config: Store<ConfigMap>,
+    policies: Vec<(ApiResource, PolicyKind, Store<DynamicObject>)>,
+    options: Options,
 }
 
 impl Cluster {
-    /// The registry snapshot this state describes, as `version`.
-    pub fn snapshot(&self, version: u64) -> Snapshot {
-        snapshot(
+    /// The registry snapshot this state describes, as `version`, with the statuses its
+    /// policy resources should show.
+    fn snapshot(
+        &self,
+        version: u64,
+        book: &mut PolicyBook,
+    ) -> (Snapshot, Vec<policy::StatusUpdate>) {
+        let mut snapshot = snapshot(
             &self.namespaces.state(),
             &self.pods.state(),
             &self.services.state(),
             &self.slices.state(),
             version,
-        )
+        );
+        let states: Vec<(usize, PolicyKind, Vec<Arc<DynamicObject>>)> = self
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(i, (_, kind, store))| (i, *kind, store.state()))
+            .collect();
+        static EMPTY: Value = Value::Null;
+        let objects: Vec<PolicyObject<'_>> = states
+            .iter()
+            .flat_map(|(api, kind, objects)| {
+                objects.iter().filter_map(move |o| {
+                    let meta = o.meta();
+                    Some(PolicyObject {
+                        kind: *kind,
+                        api: *api,
+                        uid: meta.uid.as_deref()?,
+                        namespace: meta.namespace.as_deref()?,
+                        name: meta.name.as_deref()?,
+                        generation: meta.generation,
+                        spec: o.data.get("spec").unwrap_or(&EMPTY),
+                    })
+                })
+            })
+            .collect();
+        let (part, updates) = book.apply(&objects, &self.options.root_namespace);
+        snapshot.mesh.mode = part.mesh_mode;
+        snapshot.modes = part.modes;
+        snapshot.policies = part.policies;
+        if let Some(config) = self
+            .config
+            .state()
+            .iter()
+            .find(|c| c.meta().name.as_deref() == Some(MESH_CONFIG_MAP))
+        {
+            mesh_settings(config, &mut snapshot.mesh);
+        }
+        (snapshot, updates)
+    }
+}
+
+use serde_json::Value;
+
+/// The mesh settings of the `meshlet` ConfigMap: `outboundTrafficPolicy` (ALLOW_ANY or
+/// REGISTRY_ONLY) and `defaultDeny` ("true"/"false"). A bad value is logged and left out (the
+/// agents' default, never a guess).
+fn mesh_settings(config: &ConfigMap, mesh: &mut v1::MeshPolicy) {
+    let data = config.data.clone().unwrap_or_default();
+    if let Some(policy) = data.get("outboundTrafficPolicy") {
+        match policy.as_str() {
+            "ALLOW_ANY" | "REGISTRY_ONLY" => mesh.outbound_traffic_policy = policy.clone(),
+            other => tracing::error!(
+                "ConfigMap {MESH_CONFIG_MAP}: outboundTrafficPolicy {other:?} is not ALLOW_ANY or REGISTRY_ONLY; using ALLOW_ANY"
+            ),
+        }
+    }
+    if let Some(deny) = data.get("defaultDeny") {
+        match deny.as_str() {
+            "true" => mesh.default_deny = true,
+            "false" => mesh.default_deny = false,
+            other => tracing::error!(
+                "ConfigMap {MESH_CONFIG_MAP}: defaultDeny {other:?} is not \"true\" or \"false\"; using false"
+            ),
+        }
     }
 }
 
@@ -97,23 +222,45 @@ impl Cluster {
 /// that the first published state is whole (an agent must never be told of an empty mesh
 /// because a list is still on its way). Then every change is a new snapshot, a few
 /// milliseconds of changes at a time.
-pub async fn watch_cluster(client: Client) -> watch::Receiver<Snapshot> {
+pub async fn watch_cluster(client: Client, options: Options) -> watch::Receiver<Snapshot> {
     let changed = Arc::new(Notify::new());
+    let policies: Vec<(ApiResource, PolicyKind, Store<DynamicObject>)> =
+        policy_apis(options.istio_policies)
+            .into_iter()
+            .map(|(api, kind)| {
+                let store = reflect_dynamic(client.clone(), &api, changed.clone());
+                (api, kind, store)
+            })
+            .collect();
     let cluster = Cluster {
         namespaces: reflect(Api::all(client.clone()), changed.clone()),
         pods: reflect(Api::all(client.clone()), changed.clone()),
         services: reflect(Api::all(client.clone()), changed.clone()),
-        slices: reflect(Api::all(client), changed.clone()),
+        slices: reflect(Api::all(client.clone()), changed.clone()),
+        config: reflect(
+            Api::namespaced(client.clone(), &options.root_namespace),
+            changed.clone(),
+        ),
+        policies,
+        options,
     };
-    tracing::info!("waiting for the first list of namespaces, pods, services and endpointslices");
+    tracing::info!("waiting for the first list of namespaces, pods, services, endpointslices, policies and the mesh settings");
     let _ = cluster.namespaces.wait_until_ready().await;
     let _ = cluster.pods.wait_until_ready().await;
     let _ = cluster.services.wait_until_ready().await;
     let _ = cluster.slices.wait_until_ready().await;
-    let first = cluster.snapshot(1);
+    let _ = cluster.config.wait_until_ready().await;
+    for (_, _, store) in &cluster.policies {
+        let _ = store.wait_until_ready().await;
+    }
+    let mut book = PolicyBook::default();
+    let (first, updates) = cluster.snapshot(1, &mut book);
+    write_statuses(&client, &cluster, updates);
     tracing::info!(
         workloads = first.workloads.len(),
         services = first.services.len(),
+        policies = first.policies.len(),
+        modes = first.modes.len(),
         "read the cluster"
     );
     let (tx, rx) = watch::channel(first);
@@ -123,10 +270,15 @@ pub async fn watch_cluster(client: Client) -> watch::Receiver<Snapshot> {
             // A burst of changes (a Deployment scaling, a relist) is one update.
             tokio::time::sleep(Duration::from_millis(50)).await;
             let version = tx.borrow().version + 1;
-            let next = cluster.snapshot(version);
+            let (next, updates) = cluster.snapshot(version, &mut book);
+            write_statuses(&client, &cluster, updates);
             let same = {
                 let current = tx.borrow();
-                current.workloads == next.workloads && current.services == next.services
+                current.workloads == next.workloads
+                    && current.services == next.services
+                    && current.modes == next.modes
+                    && current.policies == next.policies
+                    && current.mesh == next.mesh
             };
             if same {
                 continue;
@@ -135,6 +287,8 @@ pub async fn watch_cluster(client: Client) -> watch::Receiver<Snapshot> {
                 version,
                 workloads = next.workloads.len(),
                 services = next.services.len(),
+                policies = next.policies.len(),
+                modes = next.modes.len(),
                 "cluster changed"
             );
             if tx.send(next).is_err() {
@@ -143,6 +297,54 @@ pub async fn watch_cluster(client: Client) -> watch::Receiver<Snapshot> {
         }
     });
     rx
+}
+
+/// Writes policy resources' status conditions (every replica writes the same ones).
+fn write_statuses(client: &Client, cluster: &Cluster, updates: Vec<policy::StatusUpdate>) {
+    for update in updates {
+        let Some((api, _, _)) = cluster.policies.get(update.api) else {
+            continue;
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &update.namespace, api);
+        tokio::spawn(async move {
+            let patch = serde_json::json!({"status": {"conditions": [update.condition]}});
+            if let Err(e) = api
+                .patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(namespace = %update.namespace, name = %update.name, "cannot write the policy's status: {e}");
+            }
+        });
+    }
+}
+
+/// A reflector of a resource known at run time (the policy CRDs).
+fn reflect_dynamic(
+    client: Client,
+    api: &ApiResource,
+    changed: Arc<Notify>,
+) -> Store<DynamicObject> {
+    let writer = reflector::store::Writer::new(api.clone());
+    let reader = writer.as_reader();
+    let stream = reflector(
+        writer,
+        watcher(
+            Api::<DynamicObject>::all_with(client, api),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    );
+    let kind = api.kind.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(%kind, "watching the Kubernetes API: {e}"),
+            }
+        }
+    });
+    reader
 }
 
 /// A reflector of every `K` in the cluster, notifying `changed` on each event. The watcher
