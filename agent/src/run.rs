@@ -23,7 +23,9 @@ pub struct AgentConfig {
     /// This node's name, as the control plane knows it.
     #[arg(long)]
     pub node: String,
-    /// The control plane: `unix:/path` or `http://host:port`.
+    /// The control plane: `unix:/path` or `host:port`; several replicas separated by commas
+    /// (the agent stays on the one that answers and moves to another when it goes away). In
+    /// Kubernetes, the control plane's Service name.
     #[arg(long, default_value = "unix:/run/meshlet/controlplane.sock")]
     pub control_plane: String,
     /// The operator's root certificates (PEM): the control plane must chain to them.

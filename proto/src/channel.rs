@@ -44,7 +44,10 @@ pub fn connect_lazy(address: &str) -> Result<Channel, ChannelError> {
 }
 
 /// A lazily connecting channel over TLS (mutual, when `tls` carries a client certificate) to
-/// `unix:/path` or `host:port`; `server_name` only fills SNI (the verifier in `tls` decides).
+/// `unix:/path` or `host:port`, or to the first that answers of several such addresses
+/// separated by commas (control-plane replicas: when the one in use goes away, the channel's
+/// next connection tries the others, starting after it). SNI is fixed; the verifier in `tls`
+/// decides.
 ///
 /// No connection is attempted before `ready` is true (e.g. before the node holds the
 /// certificate the connection must present); calls wait meanwhile.
@@ -57,26 +60,41 @@ pub fn connect_lazy_tls(
         Unix(PathBuf),
         Tcp(String),
     }
-    let target = match address.strip_prefix("unix:") {
-        Some(path) => Target::Unix(PathBuf::from(path)),
-        None => {
-            let hostport = address
-                .strip_prefix("https://")
-                .or_else(|| address.strip_prefix("http://"))
-                .unwrap_or(address);
-            if !hostport.contains(':') {
-                return Err(ChannelError::BadTlsAddress {
-                    address: address.to_string(),
-                });
+    let parse = |address: &str| -> Result<Target, ChannelError> {
+        Ok(match address.strip_prefix("unix:") {
+            Some(path) => Target::Unix(PathBuf::from(path)),
+            None => {
+                let hostport = address
+                    .strip_prefix("https://")
+                    .or_else(|| address.strip_prefix("http://"))
+                    .unwrap_or(address);
+                if !hostport.contains(':') {
+                    return Err(ChannelError::BadTlsAddress {
+                        address: address.to_string(),
+                    });
+                }
+                Target::Tcp(hostport.to_string())
             }
-            Target::Tcp(hostport.to_string())
-        }
+        })
     };
-    let target = std::sync::Arc::new(target);
+    let targets: Vec<Target> = address
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(parse)
+        .collect::<Result<_, _>>()?;
+    if targets.is_empty() {
+        return Err(ChannelError::BadTlsAddress {
+            address: address.to_string(),
+        });
+    }
+    let targets = std::sync::Arc::new(targets);
+    // The replica to try first: the last one that answered.
+    let current = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let endpoint = with_deadlines(Endpoint::from_static("http://[::1]:50051"));
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let target = target.clone();
+            let (targets, current) = (targets.clone(), current.clone());
             let connector = tokio_rustls::TlsConnector::from(tls.clone());
             let mut ready = ready.clone();
             async move {
@@ -86,18 +104,33 @@ pub fn connect_lazy_tls(
                     .map_err(|_| std::io::Error::other("shutting down"))?;
                 let name = rustls::pki_types::ServerName::try_from("meshlet-controlplane")
                     .map_err(std::io::Error::other)?;
-                let stream = match target.as_ref() {
-                    Target::Unix(path) => {
-                        let io = tokio::net::UnixStream::connect(path).await?;
-                        Either::Unix(connector.connect(name, io).await?)
+                let first = current.load(std::sync::atomic::Ordering::Relaxed);
+                let mut last_error = None;
+                for i in 0..targets.len() {
+                    let index = (first + i) % targets.len();
+                    let connected = async {
+                        Ok::<_, std::io::Error>(match &targets[index] {
+                            Target::Unix(path) => {
+                                let io = tokio::net::UnixStream::connect(path).await?;
+                                Either::Unix(connector.connect(name.clone(), io).await?)
+                            }
+                            Target::Tcp(hostport) => {
+                                let io = tokio::net::TcpStream::connect(hostport.as_str()).await?;
+                                io.set_nodelay(true)?;
+                                Either::Tcp(connector.connect(name.clone(), io).await?)
+                            }
+                        })
                     }
-                    Target::Tcp(hostport) => {
-                        let io = tokio::net::TcpStream::connect(hostport.as_str()).await?;
-                        io.set_nodelay(true)?;
-                        Either::Tcp(connector.connect(name, io).await?)
+                    .await;
+                    match connected {
+                        Ok(stream) => {
+                            current.store(index, std::sync::atomic::Ordering::Relaxed);
+                            return Ok::<_, std::io::Error>(TokioIo::new(stream));
+                        }
+                        Err(e) => last_error = Some(e),
                     }
-                };
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+                Err(last_error.unwrap_or_else(|| std::io::Error::other("no control-plane address")))
             }
         })),
     )

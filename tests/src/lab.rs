@@ -41,6 +41,9 @@ pub struct LabOptions {
     /// Namespaces, Nodes and Pods to it as a kubelet would, and the control plane reads the
     /// cluster from it (`--kubeconfig`) instead of a registry file.
     pub kubernetes: bool,
+    /// Control-plane replicas (Kubernetes mode): each on a socket of its own, the agents
+    /// given all of them.
+    pub controlplane_replicas: usize,
 }
 
 impl LabOptions {
@@ -53,6 +56,7 @@ impl LabOptions {
             controlplane_args: Vec::new(),
             dual_stack: false,
             kubernetes: false,
+            controlplane_replicas: 1,
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct Lab {
     controlplane_args: Vec<std::ffi::OsString>,
     /// The emulated Kubernetes API server, in Kubernetes mode.
     kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
+    /// Control-plane replicas beyond the first: (socket, process).
+    replicas: Vec<(String, Child)>,
 }
 
 fn state_path(file: &str) -> PathBuf {
@@ -151,6 +157,7 @@ impl Lab {
             torn_down: false,
             controlplane_args: Vec::new(),
             kube: None,
+            replicas: Vec::new(),
         };
         // From here on, a failure tears down what was made (Drop).
         lab.build(pods, options)?;
@@ -354,6 +361,15 @@ impl Lab {
         drop(log);
         let child = self.spawn_controlplane()?;
         self.children.push(child);
+        let mut control_plane = format!("unix:{}", topo.controlplane_socket);
+        for i in 2..=options.controlplane_replicas {
+            let socket = state_path(&format!("controlplane-{i}.sock"))
+                .display()
+                .to_string();
+            let child = self.spawn_replica(&socket)?;
+            control_plane.push_str(&format!(",unix:{socket}"));
+            self.replicas.push((socket, child));
+        }
 
         for node in &topo.nodes {
             // Each node joins with a token made for it, as an operator would hand it out.
@@ -363,7 +379,7 @@ impl Lab {
             agent
                 .args(["agent", "--node", &node.name])
                 .arg("--control-plane")
-                .arg(format!("unix:{}", topo.controlplane_socket))
+                .arg(&control_plane)
                 .arg("--node-socket")
                 .arg(&node.agent_socket)
                 .arg("--pod-cgroup")
@@ -596,6 +612,39 @@ impl Lab {
         Ok(child)
     }
 
+    /// Another control-plane replica with the lab's arguments, listening on `socket`.
+    fn spawn_replica(&mut self, socket: &str) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.topology.controlplane_log)?;
+        let mut args = self.controlplane_args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = format!("unix:{socket}").into();
+        }
+        let child = Command::new(self.bin_dir.join("meshlet-controlplane"))
+            .args(&args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a control-plane replica")?;
+        self.record_pid(child.id())?;
+        wait_for_path(Path::new(socket), Duration::from_secs(20))
+            .context("control-plane replica socket")?;
+        Ok(child)
+    }
+
+    /// Kills control-plane replica `n` (1 is the first, `kill_controlplane`'s).
+    pub fn kill_replica(&mut self, n: usize) -> anyhow::Result<()> {
+        if n <= 1 {
+            return self.kill_controlplane();
+        }
+        let (_, child) = self.replicas.get_mut(n - 2).context("no such replica")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Restarts the control plane (a new process: its versions start again from 1).
     pub fn restart_controlplane(&mut self) -> anyhow::Result<()> {
         self.kill_controlplane()?;
@@ -650,6 +699,8 @@ impl Lab {
             return;
         }
         self.torn_down = true;
+        self.children
+            .extend(self.replicas.drain(..).map(|(_, child)| child));
         for child in &mut self.children {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),

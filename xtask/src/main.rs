@@ -195,11 +195,16 @@ fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     // Debian packages the tests and the bench use.
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let mut missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
         .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
         .collect();
+    // kubectl, for the Kubernetes-mode tests: these machines come with it; Debian's
+    // kubernetes-client otherwise.
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        missing.push("kubernetes-client");
+    }
     if !missing.is_empty() {
         if !nix_is_root() {
             bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
