@@ -83,7 +83,11 @@ async fn follow_once(
                 )));
             }
         })?;
-        let (version, count) = (update.version, update.workloads.len());
+        let (version, incremental, bytes) = (
+            update.version,
+            update.incremental,
+            prost::Message::encoded_len(&update),
+        );
         let applied = workloads.apply(&update, bundle, position);
         // The decoded message goes before the next one is read: one copy of a large mesh
         // at a time.
@@ -94,9 +98,16 @@ async fn follow_once(
         let kind = match applied {
             Ok(()) => {
                 metrics.control_plane_version.set(version as i64);
+                let state = workloads.current();
+                let (count, services) = (state.workloads().count(), state.services().len());
+                metrics.mesh_workloads.set(count as i64);
+                metrics.mesh_services.set(services as i64);
                 tracing::info!(
                     version = version,
                     workloads = count,
+                    services,
+                    incremental,
+                    bytes,
                     "applied control-plane update"
                 );
                 discovery_request::Kind::Ack(Ack { version })

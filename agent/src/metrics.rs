@@ -146,6 +146,9 @@ pub struct Metrics {
     pub control_plane_connected: Gauge,
     pub control_plane_version: Gauge,
     pub control_plane_rejected: Counter,
+    /// Workloads and Services of the mesh in the state in force.
+    pub mesh_workloads: Gauge,
+    pub mesh_services: Gauge,
     /// Outbound connections by how they left (or why they did not).
     pub outbound: Family<OutboundLabels, Counter>,
     /// Service endpoints that refused or could not be reached, after which another was tried.
@@ -191,6 +194,8 @@ impl Metrics {
             control_plane_connected: Gauge::default(),
             control_plane_version: Gauge::default(),
             control_plane_rejected: Counter::default(),
+            mesh_workloads: Gauge::default(),
+            mesh_services: Gauge::default(),
             outbound: Family::default(),
             endpoint_retries: Counter::default(),
             redirect_events: Family::default(),
@@ -277,6 +282,16 @@ impl Metrics {
             "control_plane_rejected_updates",
             "Control-plane versions refused (NACK)",
             m.control_plane_rejected.clone(),
+        );
+        registry.register(
+            "mesh_workloads",
+            "Workloads of the mesh in the control-plane state in force",
+            m.mesh_workloads.clone(),
+        );
+        registry.register(
+            "mesh_services",
+            "Services of the mesh in the control-plane state in force",
+            m.mesh_services.clone(),
         );
         registry.register(
             "outbound_connections",

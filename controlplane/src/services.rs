@@ -219,12 +219,30 @@ impl DiscoveryService for Discovery {
         let mut published = self.published.clone();
         let trust_domain = self.trust_domain.clone();
         let push_node = node.clone();
+        // Set by a NACK: the node could not apply what it was sent, so the next update is
+        // the full state, whatever it holds.
+        let resync = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let nacked = resync.clone();
         tokio::spawn(async move {
+            // The last version this stream sent, as sent in full: the base of the next delta.
+            let mut sent: Option<DiscoveryResponse> = None;
             loop {
-                let response = published.borrow_and_update().response(&trust_domain);
+                let full = published.borrow_and_update().response(&trust_domain);
+                let base = sent
+                    .take()
+                    .filter(|_| !resync.swap(false, std::sync::atomic::Ordering::AcqRel));
+                // The first update of a stream is the whole state; then what changed.
+                let response = match base.as_ref().and_then(|b| crate::publish::delta(b, &full)) {
+                    Some(delta) => delta,
+                    None => full.clone(),
+                };
+                tracing::debug!(node = %push_node, version = response.version,
+                    incremental = response.incremental,
+                    bytes = prost::Message::encoded_len(&response), "sending an update");
                 if tx.send(Ok(response)).await.is_err() {
                     break;
                 }
+                sent = Some(full);
                 if published.changed().await.is_err() {
                     break;
                 }
@@ -240,7 +258,8 @@ impl DiscoveryService for Discovery {
                     Ok(DiscoveryRequest {
                         kind: Some(discovery_request::Kind::Nack(nack)),
                     }) => {
-                        tracing::warn!(%node, version = nack.version, error = %nack.error, "node refused version")
+                        nacked.store(true, std::sync::atomic::Ordering::Release);
+                        tracing::warn!(%node, version = nack.version, error = %nack.error, "node refused version; the next update is the full state")
                     }
                     Ok(_) => {}
                     Err(e) => {

@@ -170,6 +170,13 @@ fn pods_and_services_from_the_kubernetes_api_reach_the_agents_and_kubectl_works(
     wait_service(&lab, "node-1", "default/api", 1);
     let report = many(&lab, "web", "10.96.0.10:80", 20, None);
     assert_eq!(report["ok"], 20, "{report}");
+    // After the first (full) state, the agents got what changed only.
+    assert!(
+        lab.agent_log("node-1")
+            .lines()
+            .any(|l| l.contains("applied control-plane update") && l.contains("incremental=true")),
+        "no incremental update was applied"
+    );
 
     // The namespace leaves the mesh (kubectl label, a merge patch): its pods are no longer
     // workloads; labelled again, they are back.

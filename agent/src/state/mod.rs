@@ -67,6 +67,12 @@ pub enum StateError {
     Policy(#[from] policy::PolicyError),
     #[error("version {got} is not newer than the applied version {applied} of this stream")]
     OldVersion { got: u64, applied: u64 },
+    #[error(
+        "an incremental update cannot start a stream: the first update must be the full state"
+    )]
+    IncrementalFirst,
+    #[error("incremental update refused ({0}); send the full state")]
+    Incremental(String),
 }
 
 /// One accepted version of the mesh.

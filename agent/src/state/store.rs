@@ -132,6 +132,18 @@ impl Store {
                 applied,
             });
         }
+        // An incremental update is applied to the state held, and the result validated as a
+        // whole, exactly as a full update would be.
+        let merged;
+        let update = if update.incremental {
+            if position == StreamPosition::First {
+                return Err(StateError::IncrementalFirst);
+            }
+            merged = merge(self.last_update().unwrap_or_default(), update)?;
+            &merged
+        } else {
+            update
+        };
         let mut state = MeshState::from_update(update)?;
         let source = crate::tls::BundleState::source_of(update);
         let trust = if bundle.differs_from(source) {
@@ -156,6 +168,62 @@ impl Store {
         release_free_memory();
         Ok(())
     }
+}
+
+/// `base` with an incremental `update` applied: removals and upserts of workloads (by uid)
+/// and Services (by namespace/name); every other field from the update. Removing what is not
+/// there means the control plane and this agent disagree: refused, so that the control plane
+/// sends the full state.
+fn merge(
+    mut base: DiscoveryResponse,
+    update: &DiscoveryResponse,
+) -> Result<DiscoveryResponse, StateError> {
+    use std::collections::HashSet;
+    let service_key = |s: &meshlet_proto::v1::Service| format!("{}/{}", s.namespace, s.name);
+    let removed: HashSet<&str> = update
+        .removed_workloads
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let upserted: HashSet<&str> = update.workloads.iter().map(|w| w.uid.as_str()).collect();
+    let present = base
+        .workloads
+        .iter()
+        .filter(|w| removed.contains(w.uid.as_str()))
+        .count();
+    if present != removed.len() {
+        return Err(StateError::Incremental(
+            "it removes workloads this agent does not have".into(),
+        ));
+    }
+    base.workloads
+        .retain(|w| !removed.contains(w.uid.as_str()) && !upserted.contains(w.uid.as_str()));
+    base.workloads.extend(update.workloads.iter().cloned());
+    let removed: HashSet<&str> = update.removed_services.iter().map(String::as_str).collect();
+    let upserted: HashSet<String> = update.services.iter().map(service_key).collect();
+    let present = base
+        .services
+        .iter()
+        .filter(|s| removed.contains(service_key(s).as_str()))
+        .count();
+    if present != removed.len() {
+        return Err(StateError::Incremental(
+            "it removes Services this agent does not have".into(),
+        ));
+    }
+    base.services.retain(|s| {
+        let key = service_key(s);
+        !removed.contains(key.as_str()) && !upserted.contains(&key)
+    });
+    base.services.extend(update.services.iter().cloned());
+    Ok(DiscoveryResponse {
+        workloads: base.workloads,
+        services: base.services,
+        incremental: false,
+        removed_workloads: Vec::new(),
+        removed_services: Vec::new(),
+        ..update.clone()
+    })
 }
 
 /// Returns freed heap pages to the system (glibc keeps them otherwise).

@@ -524,3 +524,91 @@ mod services {
         assert_eq!(api.endpoints[0].health(), Health::UnknownWorkload);
     }
 }
+
+mod incremental {
+    use meshlet_proto::v1::{DiscoveryResponse, Workload};
+
+    use super::super::*;
+    use crate::tls::TrustBundle;
+
+    fn workload(uid: &str, ip: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: uid.into(),
+            service_account: "sa".into(),
+            node: "node-1".into(),
+            ips: vec![ip.into()],
+            ..Default::default()
+        }
+    }
+
+    fn root_pem() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).expect("root").pem()
+    }
+
+    #[test]
+    fn deltas_apply_to_the_state_held_and_are_validated_as_a_whole() {
+        let store = Store::default();
+        let bundle = TrustBundle::default();
+        let full = DiscoveryResponse {
+            version: 1,
+            trust_domain: "cluster.local".into(),
+            trust_roots_pem: vec![root_pem()],
+            workloads: vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.2")],
+            ..Default::default()
+        };
+        let delta = |version: u64, upsert: Vec<Workload>, removed: &[&str]| DiscoveryResponse {
+            version,
+            incremental: true,
+            workloads: upsert,
+            removed_workloads: removed.iter().map(|s| s.to_string()).collect(),
+            ..full.clone()
+        };
+        // A stream never starts with a delta.
+        assert!(matches!(
+            store.apply(&delta(1, vec![], &[]), &bundle, StreamPosition::First),
+            Err(StateError::IncrementalFirst)
+        ));
+        store
+            .apply(&full, &bundle, StreamPosition::First)
+            .expect("full");
+        store
+            .apply(
+                &delta(
+                    2,
+                    vec![workload("c", "10.0.0.3"), workload("a", "10.0.0.9")],
+                    &["b"],
+                ),
+                &bundle,
+                StreamPosition::Later,
+            )
+            .expect("delta");
+        assert!(store.by_uid("b").is_none());
+        assert!(store.by_uid("c").is_some());
+        let ip: std::net::IpAddr = "10.0.0.9".parse().expect("ip");
+        assert_eq!(store.by_ip(ip).map(|w| w.uid.clone()).as_deref(), Some("a"));
+        // Kept whole for dumps and the next delta.
+        assert_eq!(store.last_update().map(|u| u.workloads.len()), Some(2));
+        assert!(!store.last_update().expect("kept").incremental);
+        // Removing what is not there, or a delta that breaks the whole (a duplicate IP):
+        // refused, nothing changes.
+        assert!(matches!(
+            store.apply(&delta(3, vec![], &["zz"]), &bundle, StreamPosition::Later),
+            Err(StateError::Incremental(_))
+        ));
+        assert!(matches!(
+            store.apply(
+                &delta(3, vec![workload("d", "10.0.0.3")], &[]),
+                &bundle,
+                StreamPosition::Later
+            ),
+            Err(StateError::DuplicateIp { .. })
+        ));
+        assert_eq!(store.version(), 2);
+        assert!(store.by_uid("d").is_none());
+    }
+}
