@@ -661,6 +661,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of the (first) control plane.
+    pub fn controlplane_pid(&self) -> Option<u32> {
+        self.children.first().map(Child::id)
+    }
+
     /// The process id of `node`'s agent.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         let index = self.topology.nodes.iter().position(|n| n.name == node)?;

@@ -13,6 +13,7 @@ use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
 mod bench;
 mod demo;
 mod fuzz;
+mod kube_scale;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -295,7 +296,8 @@ fn test() -> anyhow::Result<()> {
         &mut totals,
     );
     // The bench, briefly: every tool on both paths must run (no figure is asserted).
-    let bench_smoke = bench::run(&bin_dir, bench::Plan::quick());
+    let bench_smoke = bench::run(&bin_dir, bench::Plan::quick())
+        .and_then(|()| kube_scale::run(&bin_dir, &kube_scale::ScalePlan::quick()));
     match &bench_smoke {
         Ok(()) => totals.0 += 1,
         Err(e) => {
@@ -452,7 +454,13 @@ fn main() -> anyhow::Result<()> {
                 (build(true)?, bench::Plan::full())
             };
             plan.agent_args = agent_args;
-            bench::run(&bin_dir, plan)
+            let scale = if quick {
+                kube_scale::ScalePlan::quick()
+            } else {
+                kube_scale::ScalePlan::full()
+            };
+            bench::run(&bin_dir, plan)?;
+            kube_scale::run(&bin_dir, &scale)
         }
     }
 }

@@ -268,7 +268,7 @@ pub async fn watch_cluster(client: Client, options: Options) -> watch::Receiver<
         loop {
             changed.notified().await;
             // A burst of changes (a Deployment scaling, a relist) is one update.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             let version = tx.borrow().version + 1;
             let (next, updates) = cluster.snapshot(version, &mut book);
             write_statuses(&client, &cluster, updates);
