@@ -127,6 +127,7 @@ pub(crate) async fn handle(
         &RouteInputs {
             outbound_override: agent.outbound_override,
             load: &|address| agent.upstream_load.get(address),
+            explain: false,
         },
         &mut rand::thread_rng(),
     );

@@ -92,11 +92,16 @@ struct Args {
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Generate a throwaway root and intermediate. Never for production.
-    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key", "ca_chain", "trust_roots"])]
+    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key", "ca_chain", "trust_roots", "ca_secret_dir"])]
     dev: bool,
+    /// The CA as a mounted Kubernetes Secret in cert-manager's layout: `tls.crt` (the signing
+    /// intermediate, then its chain), `tls.key`, `ca.crt` (the roots nodes trust). Re-read
+    /// when the kubelet updates the Secret's files, without a restart.
+    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key", "ca_chain", "trust_roots"])]
+    ca_secret_dir: Option<PathBuf>,
     /// The signing certificate: an intermediate CA from your PKI (PEM). Re-read when it
     /// changes (with the key, chain, roots and CRLs), without a restart.
-    #[arg(long, required_unless_present = "dev", requires_all = ["ca_key", "trust_roots"])]
+    #[arg(long, required_unless_present_any = ["dev", "ca_secret_dir"], requires_all = ["ca_key", "trust_roots"])]
     ca_cert: Option<PathBuf>,
     /// The signing certificate's private key (PKCS#8 PEM).
     #[arg(long)]
@@ -199,12 +204,20 @@ async fn main() -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(trust);
         (ca, rx, tx)
     } else {
-        let (Some(cert), Some(key), Some(roots)) = (
-            args.ca_cert.clone(),
-            args.ca_key.clone(),
-            args.trust_roots.clone(),
-        ) else {
-            anyhow::bail!("--ca-cert, --ca-key and --trust-roots are required without --dev");
+        let (cert, key, roots) = match &args.ca_secret_dir {
+            Some(dir) => (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")),
+            None => {
+                let (Some(cert), Some(key), Some(roots)) = (
+                    args.ca_cert.clone(),
+                    args.ca_key.clone(),
+                    args.trust_roots.clone(),
+                ) else {
+                    anyhow::bail!(
+                        "--ca-cert, --ca-key and --trust-roots (or --ca-secret-dir) are required without --dev"
+                    );
+                };
+                (cert, key, roots)
+            }
         };
         let files = pki::PkiFiles {
             cert,

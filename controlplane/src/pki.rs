@@ -613,4 +613,68 @@ mod tests {
             .to_string();
         assert!(err.contains("cannot read signing certificate"), "{err}");
     }
+
+    /// A Secret as the kubelet mounts it: each key a symlink into `..data`, itself a symlink
+    /// to a timestamped folder swapped atomically on update.
+    fn mount_secret(dir: &Path, version: &str, from: &PkiFiles) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = dir.join(version);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let chain = format!(
+            "{}{}",
+            std::fs::read_to_string(&from.cert).expect("cert"),
+            std::fs::read_to_string(&from.roots).expect("root")
+        );
+        std::fs::write(data.join("tls.crt"), chain).expect("tls.crt");
+        std::fs::copy(&from.key, data.join("tls.key")).expect("tls.key");
+        std::fs::set_permissions(data.join("tls.key"), std::fs::Permissions::from_mode(0o400))
+            .expect("defaultMode 0400");
+        std::fs::copy(&from.roots, data.join("ca.crt")).expect("ca.crt");
+        let tmp = dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(version, &tmp).expect("symlink");
+        std::fs::rename(&tmp, dir.join("..data")).expect("swap");
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            let link = dir.join(key);
+            if !link.exists() {
+                std::os::unix::fs::symlink(format!("..data/{key}"), &link).expect("key link");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cert_manager_secret_mounted_by_the_kubelet_loads_and_its_updates_are_seen() {
+        let dir = Dir(std::env::temp_dir().join(format!("meshlet-secret-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        let mounted = dir.0.join("ca");
+        std::fs::create_dir_all(&mounted).expect("dir");
+        let a = write_pki(&dir.0, "a");
+        mount_secret(&mounted, "..2026_11_30_00_00_00.1", &a);
+        let files = PkiFiles {
+            cert: mounted.join("tls.crt"),
+            key: mounted.join("tls.key"),
+            chain: None,
+            roots: mounted.join("ca.crt"),
+            crls: vec![],
+            federated: BTreeMap::new(),
+            allow_self_signed: false,
+            allow_insecure_key_permissions: false,
+        };
+        let (signer, trust) = load(&files, "cluster.local").expect("cert-manager layout loads");
+        assert!(signer.subject.contains("a intermediate"));
+        assert_eq!(
+            signer.chain_pem.len(),
+            2,
+            "tls.crt's chain follows the signer"
+        );
+        assert_eq!(trust.roots_pem.len(), 1);
+        let before = fingerprint(&files);
+        // cert-manager renews into a new intermediate (another key); the kubelet swaps ..data.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let b = write_pki(&dir.0, "b");
+        mount_secret(&mounted, "..2026_11_30_01_00_00.2", &b);
+        assert_ne!(fingerprint(&files), before, "the watcher sees the swap");
+        let (signer, _) = load(&files, "cluster.local").expect("the new Secret loads");
+        assert!(signer.subject.contains("b intermediate"));
+    }
 }

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         let inputs = RouteInputs {
             outbound_override: None,
             load: &|address| usize::from(address.port() % 3),
+            explain: data.len() % 2 == 0,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(data.len() as u32));
         for service in state.services() {

@@ -342,7 +342,13 @@ impl Lab {
         let pki = crate::pki::LabPki::create(&state_path("pki"), &options.trust_domain)?;
         let log = std::fs::File::create(&topo.controlplane_log)?;
         let mut cp_args: Vec<std::ffi::OsString> = Vec::new();
-        cp_args.extend(pki.controlplane_args().into_iter().map(Into::into));
+        if self.kube.is_some() {
+            // In Kubernetes the CA comes as a cert-manager Secret mounted in the pod.
+            let secret = pki.secret_args(&state_path("ca-secret"))?;
+            cp_args.extend(secret.into_iter().map(Into::into));
+        } else {
+            cp_args.extend(pki.controlplane_args().into_iter().map(Into::into));
+        }
         cp_args.push("--state-dir".into());
         cp_args.push(state_path("controlplane").into());
         cp_args.extend(options.controlplane_args.iter().map(Into::into));

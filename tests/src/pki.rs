@@ -123,6 +123,35 @@ impl LabPki {
         ]
     }
 
+    /// The CA as a Kubernetes Secret in cert-manager's layout, mounted in `dir` as the
+    /// kubelet does (`tls.crt`: the intermediate then the root, `tls.key` 0400, `ca.crt`:
+    /// the roots), and the control-plane arguments that read it.
+    pub fn secret_args(&self, dir: &Path) -> anyhow::Result<Vec<String>> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        let chain = format!(
+            "{}{}",
+            std::fs::read_to_string(self.cert_path(LabCa::Intermediate))?,
+            std::fs::read_to_string(self.cert_path(LabCa::Root))?
+        );
+        std::fs::write(dir.join("tls.crt"), chain)?;
+        write_atomically(
+            &dir.join("tls.key"),
+            &std::fs::read(self.key_path(LabCa::Intermediate))?,
+        )?;
+        std::fs::set_permissions(dir.join("tls.key"), std::fs::Permissions::from_mode(0o400))?;
+        std::fs::copy(self.roots_path(), dir.join("ca.crt"))?;
+        let path = |p: PathBuf| p.display().to_string();
+        Ok(vec![
+            "--ca-secret-dir".into(),
+            path(dir.to_path_buf()),
+            "--crl".into(),
+            path(self.crl_path(LabCa::Intermediate)),
+            "--crl".into(),
+            path(self.crl_path(LabCa::Root)),
+        ])
+    }
+
     /// The CA as an rcgen issuer, to sign crafted certificates and CRLs.
     pub fn issuer(&self, ca: LabCa) -> anyhow::Result<Issuer<'static, KeyPair>> {
         let cert = std::fs::read_to_string(self.cert_path(ca))?;

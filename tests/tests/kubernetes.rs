@@ -319,7 +319,11 @@ fn eventually_reaches(lab: &Lab, from: &str, to: &str, want: bool) {
 
 #[test]
 fn istio_shaped_policies_applied_with_kubectl_change_what_reaches_the_app() {
-    let lab = up_kubernetes(&pods());
+    let mut options = LabOptions::new(bin_dir());
+    options.kubernetes = true;
+    // Istio's own group too, as for a cluster moving from Istio.
+    options.controlplane_args = vec!["--istio-policies".into()];
+    let lab = Lab::up(&pods(), &options).expect("lab up in Kubernetes mode");
     let api = lab.topology.pod("api").expect("api").clone();
     let _s8080 = Server::start_with(&lab, "api", 8080, 500, 120);
     let _s9090 = Server::start_with(&lab, "api", 9090, 500, 120);
@@ -403,6 +407,31 @@ fn istio_shaped_policies_applied_with_kubectl_change_what_reaches_the_app() {
     );
     let (ok, _, _) = send(&lab, "web", &to8080, 256, None, None);
     assert!(!ok, "the DENY in force must stay after an invalid edit");
+    // Gone: web is allowed again. The same policy in Istio's group (same name) denies again.
+    let (ok, _, err) = kubectl(
+        &lab,
+        &[
+            "delete",
+            "authorizationpolicy.security.meshlet.dev",
+            "deny-default",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    eventually_reaches(&lab, "web", &to8080, true);
+    create(
+        &lab,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-default\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: api\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"default\"]\n",
+    );
+    eventually_reaches(&lab, "web", &to8080, false);
+    assert_eq!(
+        accepted(
+            &lab,
+            "authorizationpolicy.security.istio.io",
+            "deny-default"
+        )["status"],
+        "True"
+    );
 }
 
 #[test]

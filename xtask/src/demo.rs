@@ -139,6 +139,10 @@ pub fn run(bin_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
         bail!("teardown left {:?}", meshlet_lab::lab::leftovers());
     }
     println!("== lab removed");
+    kubernetes_step(bin_dir, &mut failures)?;
+    if !meshlet_lab::lab::leftovers().is_empty() {
+        bail!("teardown left {:?}", meshlet_lab::lab::leftovers());
+    }
     if failures.is_empty() {
         println!("== demo passed");
         Ok(())
@@ -245,5 +249,103 @@ fn service_step(
         .output()?;
     println!("\n== meshlet check --from default/web --to svc/default/api:80");
     print!("{}", String::from_utf8_lossy(&check_out.stdout));
+    Ok(())
+}
+
+/// The same mesh run from Kubernetes: the lab's emulated API server holds the pods (the
+/// control plane reads them, the agents join with their pods' service account tokens), and an
+/// AuthorizationPolicy applied with `kubectl create -f` closes a live connection it denies.
+fn kubernetes_step(bin_dir: &Path, failures: &mut Vec<String>) -> anyhow::Result<()> {
+    println!("\n== Kubernetes mode: an emulated API server, the control plane reading it, kubectl");
+    let mut options = LabOptions::new(bin_dir);
+    options.kubernetes = true;
+    let pods = &crate::demo_pods()[..2];
+    let lab = Lab::up(pods, &options)?;
+    let api = lab.topology.pod("api").context("api")?.clone();
+    let kubectl = |args: &[&str], stdin: Option<&str>| -> anyhow::Result<(bool, String)> {
+        let mut child = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(lab.kubeconfig_path())
+            .arg("--cache-dir")
+            .arg(lab.kubeconfig_path().with_file_name("kubectl-cache"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("kubectl")?;
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            use std::io::Write;
+            input.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let columns = "custom-columns=NAMESPACE:.metadata.namespace,NAME:.metadata.name,NODE:.spec.nodeName,IP:.status.podIP,SERVICE-ACCOUNT:.spec.serviceAccountName";
+    let (_, pods_out) = kubectl(&["get", "pods", "-A", "-o", columns], None)?;
+    println!("$ kubectl get pods -A -o {columns}\n{pods_out}");
+    let probe = bin_dir.join("meshlet-lab-probe");
+    let mut server = lab
+        .command_in("api", &probe)?
+        .args(["serve", "8080", "10", "60"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
+    let _listening = lines.next();
+    let mut ping = lab
+        .command_in("web", &probe)?
+        .args(["ping", &format!("{}:8080", api.ip), "30"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ping_out = ping.stdout.take().context("stdout")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(ping_out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let connected = rx.recv_timeout(Duration::from_secs(10)).ok();
+    check(
+        connected.as_deref() == Some("CONNECTED"),
+        "web holds a live mTLS connection to api (pods, identities and node joins all from the API)",
+        failures,
+    );
+    let policy = "apiVersion: security.meshlet.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-default\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: api\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"default\"]\n";
+    println!("$ kubectl create -f deny.yaml\n{policy}");
+    let (ok, out) = kubectl(&["create", "-f", "-"], Some(policy))?;
+    print!("{out}");
+    check(ok, "kubectl created the AuthorizationPolicy", failures);
+    let closed = rx.recv_timeout(Duration::from_secs(15)).ok();
+    check(
+        closed.as_deref() == Some("CLOSED"),
+        "the live connection was closed by the new DENY policy",
+        failures,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, status) = kubectl(
+        &[
+            "get",
+            "authorizationpolicy",
+            "deny-default",
+            "-o",
+            "jsonpath={.status.conditions[0]}",
+        ],
+        None,
+    )?;
+    println!("   its status: {status}");
+    let _ = ping.kill();
+    let _ = ping.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    lab.down();
     Ok(())
 }

@@ -240,6 +240,7 @@ pub fn check(
         &RouteInputs {
             outbound_override,
             load: &|_| 0,
+            explain: true,
         },
         &mut rand::thread_rng(),
     );

@@ -35,7 +35,7 @@ pub struct Upstream {
     /// Why this way, for the access log and `meshlet check`: "mesh workload", "destination
     /// mode DISABLE (…)", "endpoint outside the mesh", "external service x",
     /// "outbound_traffic_policy=ALLOW_ANY".
-    pub why: String,
+    pub why: std::borrow::Cow<'static, str>,
 }
 
 /// What is at the other end, which decides the transport.
@@ -130,6 +130,24 @@ pub struct Route {
 pub struct RouteInputs<'a> {
     pub outbound_override: Option<OutboundTrafficPolicy>,
     pub load: &'a dyn Fn(SocketAddr) -> usize,
+    /// Write the steps of the decision (for `meshlet check`); the data path does not, and so
+    /// spends nothing on sentences no one reads.
+    pub explain: bool,
+}
+
+/// The explanation being written, when one is asked for.
+struct Steps(Option<Vec<String>>);
+
+impl Steps {
+    fn push(&mut self, step: impl FnOnce() -> String) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(step());
+        }
+    }
+
+    fn done(self) -> Vec<String> {
+        self.0.unwrap_or_default()
+    }
 }
 
 impl MeshState {
@@ -142,37 +160,34 @@ impl MeshState {
     ) -> Route {
         let ip = destination.ip().to_canonical();
         let destination = SocketAddr::new(ip, destination.port());
-        let mut steps = Vec::new();
+        let mut steps = Steps(inputs.explain.then(Vec::new));
         if let Some(service) = self.service_by_vip(ip) {
-            steps.push(format!(
-                "{ip} is a cluster IP of service {}",
-                service.display_name()
-            ));
+            steps.push(|| format!("{ip} is a cluster IP of service {}", service.display_name()));
             let outcome = self.to_service(service, destination, inputs, rng, &mut steps);
             return Route {
                 destination,
                 service: Some(service.display_name()),
                 outcome,
-                steps,
+                steps: steps.done(),
             };
         }
         if let Some(workload) = self.by_ip(ip) {
-            steps.push(format!("{ip} is mesh workload {}", workload.display_name()));
+            steps.push(|| format!("{ip} is mesh workload {}", workload.display_name()));
             let upstream = self.to_workload(workload, destination, &mut steps);
             return Route {
                 destination,
                 service: None,
                 outcome: RouteOutcome::Upstreams(vec![upstream]),
-                steps,
+                steps: steps.done(),
             };
         }
-        steps.push(format!("{ip} is neither a mesh workload nor a Service"));
+        steps.push(|| format!("{ip} is neither a mesh workload nor a Service"));
         let outcome = self.egress(destination, inputs, &mut steps);
         Route {
             destination,
             service: None,
             outcome,
-            steps,
+            steps: steps.done(),
         }
     }
 
@@ -180,28 +195,30 @@ impl MeshState {
         &self,
         workload: &Arc<WorkloadInfo>,
         address: SocketAddr,
-        steps: &mut Vec<String>,
+        steps: &mut Steps,
     ) -> Upstream {
         let mode = self.policy.mode_for(workload, address.port());
         let (kind, why) = if mode.mode == Mode::Disable {
             (
                 UpstreamKind::DisabledWorkload,
-                format!("destination mode DISABLE ({})", mode.source),
+                format!("destination mode DISABLE ({})", mode.source).into(),
             )
         } else {
-            (UpstreamKind::MeshWorkload, "mesh workload".to_string())
+            (UpstreamKind::MeshWorkload, "mesh workload".into())
         };
-        steps.push(format!(
-            "{} port {}: mode {} ({}): {}",
-            workload.display_name(),
-            address.port(),
-            mode.mode,
-            mode.source,
-            match kind.transport() {
-                Transport::Mtls => "mTLS tunnel to its agent",
-                Transport::Plaintext => "plaintext, directly",
-            }
-        ));
+        steps.push(|| {
+            format!(
+                "{} port {}: mode {} ({}): {}",
+                workload.display_name(),
+                address.port(),
+                mode.mode,
+                mode.source,
+                match kind.transport() {
+                    Transport::Mtls => "mTLS tunnel to its agent",
+                    Transport::Plaintext => "plaintext, directly",
+                }
+            )
+        });
         Upstream {
             address,
             workload: Some(workload.clone()),
@@ -216,7 +233,7 @@ impl MeshState {
         destination: SocketAddr,
         inputs: &RouteInputs<'_>,
         rng: &mut impl Rng,
-        steps: &mut Vec<String>,
+        steps: &mut Steps,
     ) -> RouteOutcome {
         let Some(port) = service.port(destination.port()) else {
             let detail = format!(
@@ -224,13 +241,13 @@ impl MeshState {
                 service.display_name(),
                 destination.port()
             );
-            steps.push(detail.clone());
+            steps.push(|| detail.clone());
             return RouteOutcome::Refuse {
                 reason: "unknown_service_port",
                 detail,
             };
         };
-        steps.push(format!("port {} → target port {}", port.port, port.target));
+        steps.push(|| format!("port {} → target port {}", port.port, port.target));
         // The endpoints that take new connections, each at its own target port.
         let mut ready: Vec<(SocketAddr, &super::Endpoint)> = Vec::new();
         for endpoint in &service.endpoints {
@@ -241,23 +258,25 @@ impl MeshState {
                 (Health::Ready, Some(target), Some(address)) => {
                     ready.push((SocketAddr::new(address, target), endpoint))
                 }
-                (Health::Ready, None, _) => steps.push(format!(
-                    "endpoint {}: no port named {}: skipped",
-                    endpoint.display_name(),
-                    port.target
-                )),
-                (Health::Ready, _, None) => steps.push(format!(
-                    "endpoint {}: no address: skipped",
-                    endpoint.display_name()
-                )),
-                (health, _, _) => steps.push(format!(
-                    "endpoint {}: {}: no new connections",
-                    endpoint.display_name(),
-                    serde_json::to_value(health)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
-                )),
+                (Health::Ready, None, _) => steps.push(|| {
+                    format!(
+                        "endpoint {}: no port named {}: skipped",
+                        endpoint.display_name(),
+                        port.target
+                    )
+                }),
+                (Health::Ready, _, None) => steps
+                    .push(|| format!("endpoint {}: no address: skipped", endpoint.display_name())),
+                (health, _, _) => steps.push(|| {
+                    format!(
+                        "endpoint {}: {}: no new connections",
+                        endpoint.display_name(),
+                        serde_json::to_value(health)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    )
+                }),
             }
         }
         if ready.is_empty() {
@@ -266,7 +285,7 @@ impl MeshState {
                 service.display_name(),
                 port.port
             );
-            steps.push(detail.clone());
+            steps.push(|| detail.clone());
             return RouteOutcome::Refuse {
                 reason: "no_healthy_endpoint",
                 detail,
@@ -278,7 +297,7 @@ impl MeshState {
         if ready.len() >= 2 && (inputs.load)(ready[1].0) < (inputs.load)(ready[0].0) {
             ready.swap(0, 1);
         }
-        steps.push(format!(
+        steps.push(|| format!(
             "{} ready endpoint(s); picked {} (fewer open connections of two drawn at random), then up to {} more on failure",
             ready.len(),
             ready[0].1.display_name(),
@@ -290,9 +309,9 @@ impl MeshState {
             .map(|(address, endpoint)| match &endpoint.workload {
                 Some(w) => self.to_workload(w, address, steps),
                 None => {
-                    steps.push(format!(
-                        "endpoint {address} is outside the mesh: plaintext, directly"
-                    ));
+                    steps.push(|| {
+                        format!("endpoint {address} is outside the mesh: plaintext, directly")
+                    });
                     Upstream {
                         address,
                         workload: None,
@@ -309,10 +328,10 @@ impl MeshState {
         &self,
         destination: SocketAddr,
         inputs: &RouteInputs<'_>,
-        steps: &mut Vec<String>,
+        steps: &mut Steps,
     ) -> RouteOutcome {
         let ip: IpAddr = destination.ip();
-        let direct = |kind: UpstreamKind, why: String| {
+        let direct = |kind: UpstreamKind, why: std::borrow::Cow<'static, str>| {
             RouteOutcome::Upstreams(vec![Upstream {
                 address: destination,
                 workload: None,
@@ -325,13 +344,15 @@ impl MeshState {
             .iter()
             .find(|e| e.matches(ip, destination.port()))
         {
-            steps.push(format!(
-                "external service {} lists it: plaintext, directly",
-                external.name
-            ));
+            steps.push(|| {
+                format!(
+                    "external service {} lists it: plaintext, directly",
+                    external.name
+                )
+            });
             return direct(
                 UpstreamKind::ExternalService,
-                format!("external service {}", external.name),
+                format!("external service {}", external.name).into(),
             );
         }
         let policy = inputs
@@ -344,7 +365,7 @@ impl MeshState {
         };
         match policy {
             OutboundTrafficPolicy::AllowAny => {
-                steps.push(format!("{source} is ALLOW_ANY: plaintext, directly"));
+                steps.push(|| format!("{source} is ALLOW_ANY: plaintext, directly"));
                 direct(
                     UpstreamKind::AllowAny,
                     "outbound_traffic_policy=ALLOW_ANY".into(),
@@ -354,7 +375,7 @@ impl MeshState {
                 let detail = format!(
                     "{source} is REGISTRY_ONLY and no external service lists {destination}"
                 );
-                steps.push(detail.clone());
+                steps.push(|| detail.clone());
                 RouteOutcome::Refuse {
                     reason: "registry_only",
                     detail,

@@ -280,6 +280,7 @@ mod services {
             &RouteInputs {
                 outbound_override: None,
                 load: &no_load,
+                explain: true,
             },
             &mut rng,
         )
@@ -310,6 +311,7 @@ mod services {
                 &RouteInputs {
                     outbound_override: None,
                     load: &no_load,
+                    explain: true,
                 },
                 &mut rng,
             );
@@ -349,6 +351,7 @@ mod services {
                 &RouteInputs {
                     outbound_override: None,
                     load: &load,
+                    explain: true,
                 },
                 &mut rng,
             );
@@ -446,6 +449,7 @@ mod services {
             &RouteInputs {
                 outbound_override: Some(OutboundTrafficPolicy::AllowAny),
                 load: &no_load,
+                explain: true,
             },
             &mut rand::thread_rng(),
         );
