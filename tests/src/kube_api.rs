@@ -413,12 +413,17 @@ impl KubeApi {
         Ok(format!("{signing_input}.{signature}"))
     }
 
-    fn sign(&self, data: &[u8]) -> Vec<u8> {
+    /// The HMAC of `data` under the signing key, ready to finish or verify.
+    fn mac(&self, data: &[u8]) -> hmac::Hmac<sha2::Sha256> {
         use hmac::Mac;
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.signing_key)
             .expect("HMAC takes any key length");
         mac.update(data);
-        mac.finalize().into_bytes().to_vec()
+        mac
+    }
+
+    fn sign(&self, data: &[u8]) -> Vec<u8> {
+        hmac::Mac::finalize(self.mac(data)).into_bytes().to_vec()
     }
 
     /// `TokenReview` (authentication.k8s.io/v1): the status the real server gives a bound
@@ -448,13 +453,8 @@ impl KubeApi {
         let invalid = || "invalid bearer token".to_string();
         let (signing_input, signature) = token.rsplit_once('.').ok_or_else(invalid)?;
         let signature = b64.decode(signature).map_err(|_| invalid())?;
-        {
-            use hmac::Mac;
-            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.signing_key)
-                .map_err(|_| invalid())?;
-            mac.update(signing_input.as_bytes());
-            mac.verify_slice(&signature).map_err(|_| invalid())?;
-        }
+        hmac::Mac::verify_slice(self.mac(signing_input.as_bytes()), &signature)
+            .map_err(|_| invalid())?;
         let claims = signing_input.split('.').nth(1).ok_or_else(invalid)?;
         let claims: Value = serde_json::from_slice(&b64.decode(claims).map_err(|_| invalid())?)
             .map_err(|_| invalid())?;

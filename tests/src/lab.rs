@@ -459,38 +459,34 @@ impl Lab {
     /// identity folder and a new join token.
     pub fn agent_auth_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
         let path = |p: PathBuf| p.display().to_string();
-        if let Some(kube) = &self.kube {
+        let credential = match &self.kube {
             // As the kubelet mounts it: the agent pod's projected token, audience meshlet.
-            let token = kube.mint_token(
-                "meshlet-system",
-                "meshlet-agent",
-                &agent_pod(node),
-                "meshlet",
-                3600,
-            )?;
-            let file = self.write_secret(node, "service-account-token", &token)?;
-            return Ok(vec![
-                "--control-plane-roots".into(),
-                path(self.pki().roots_path()),
-                "--trust-domain".into(),
-                self.topology.trust_domain.clone(),
-                "--node-identity-dir".into(),
-                path(state_path(&format!("{node}/identity"))),
-                "--service-account-token-file".into(),
-                path(file),
-            ]);
-        }
-        let token = self.create_join_token(node, 600)?;
-        Ok(vec![
+            Some(kube) => {
+                let token = kube.mint_token(
+                    "meshlet-system",
+                    "meshlet-agent",
+                    &agent_pod(node),
+                    "meshlet",
+                    3600,
+                )?;
+                let file = self.write_secret(node, "service-account-token", &token)?;
+                ["--service-account-token-file".to_string(), path(file)]
+            }
+            None => [
+                "--join-token-file".to_string(),
+                path(self.create_join_token(node, 600)?),
+            ],
+        };
+        let mut args = vec![
             "--control-plane-roots".into(),
             path(self.pki().roots_path()),
             "--trust-domain".into(),
             self.topology.trust_domain.clone(),
             "--node-identity-dir".into(),
             path(state_path(&format!("{node}/identity"))),
-            "--join-token-file".into(),
-            path(token),
-        ])
+        ];
+        args.extend(credential);
+        Ok(args)
     }
 
     /// Tells the pod's node agent about it (the CNI's job).

@@ -65,14 +65,20 @@ impl Drop for Kubectl {
     }
 }
 
-#[test]
-fn kubectl_lists_creates_labels_watches_and_deletes() {
+/// The emulated API server on a runtime of its own (kept alive by the caller).
+fn start() -> (tokio::runtime::Runtime, std::sync::Arc<KubeApi>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
     let api = runtime.block_on(KubeApi::start()).expect("API server");
+    (runtime, api)
+}
+
+#[test]
+fn kubectl_lists_creates_labels_watches_and_deletes() {
+    let (_runtime, api) = start();
     api.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
         .expect("namespace");
     api.create(
@@ -141,12 +147,7 @@ fn kubectl_lists_creates_labels_watches_and_deletes() {
 
 #[test]
 fn callers_bound_to_the_shipped_cluster_role_get_exactly_its_verbs() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let api = runtime.block_on(KubeApi::start()).expect("API server");
+    let (_runtime, api) = start();
     api.create(
         PODS,
         json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"containers": []}}),

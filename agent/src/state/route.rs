@@ -29,7 +29,7 @@ pub struct Upstream {
     /// The address dialled (through the tunnel: the CONNECT authority).
     pub address: SocketAddr,
     /// The mesh workload there, if it is one.
-    #[serde(serialize_with = "workload_name")]
+    #[serde(serialize_with = "super::workload::serialize_name")]
     pub workload: Option<Arc<WorkloadInfo>>,
     pub kind: UpstreamKind,
     /// Why this way, for the access log and `meshlet check`: "mesh workload", "destination
@@ -87,16 +87,6 @@ impl UpstreamKind {
 impl Upstream {
     pub fn transport(&self) -> Transport {
         self.kind.transport()
-    }
-}
-
-fn workload_name<S: serde::Serializer>(
-    w: &Option<Arc<WorkloadInfo>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match w {
-        Some(w) => s.collect_str(&w.display_name()),
-        None => s.serialize_none(),
     }
 }
 

@@ -83,7 +83,7 @@ impl std::fmt::Display for TargetPort {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Endpoint {
     /// The mesh workload behind it, when it is one.
-    #[serde(serialize_with = "workload_name")]
+    #[serde(serialize_with = "super::workload::serialize_name")]
     pub workload: Option<Arc<WorkloadInfo>>,
     /// A workload uid the update named but did not describe: such an endpoint gets no
     /// connection (its identity is unknown, so neither mTLS nor plaintext is right).
@@ -94,16 +94,6 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub ports: BTreeMap<String, u16>,
-}
-
-fn workload_name<S: serde::Serializer>(
-    w: &Option<Arc<WorkloadInfo>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match w {
-        Some(w) => s.collect_str(&w.display_name()),
-        None => s.serialize_none(),
-    }
 }
 
 /// Whether an endpoint takes new connections, and if not why.

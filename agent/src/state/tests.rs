@@ -533,26 +533,8 @@ mod incremental {
     use meshlet_proto::v1::{DiscoveryResponse, Workload};
 
     use super::super::*;
+    use super::{root_pem, workload};
     use crate::tls::TrustBundle;
-
-    fn workload(uid: &str, ip: &str) -> Workload {
-        Workload {
-            uid: uid.into(),
-            namespace: "default".into(),
-            name: uid.into(),
-            service_account: "sa".into(),
-            node: "node-1".into(),
-            ips: vec![ip.into()],
-            ..Default::default()
-        }
-    }
-
-    fn root_pem() -> String {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.self_signed(&key).expect("root").pem()
-    }
 
     #[test]
     fn deltas_apply_to_the_state_held_and_are_validated_as_a_whole() {

@@ -84,3 +84,14 @@ impl WorkloadInfo {
         format!("{}/{}", self.namespace, self.name)
     }
 }
+
+/// Serializes an optional workload as its `namespace/name`.
+pub(crate) fn serialize_name<S: serde::Serializer>(
+    w: &Option<Arc<WorkloadInfo>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match w {
+        Some(w) => s.collect_str(&w.display_name()),
+        None => s.serialize_none(),
+    }
+}

@@ -334,7 +334,17 @@ fn reflect_dynamic(
         )
         .default_backoff(),
     );
-    let kind = api.kind.clone();
+    drive(stream, api.kind.clone(), changed);
+    reader
+}
+
+/// Runs a reflector's stream for as long as the control plane runs, notifying `changed` on
+/// each event; errors (the API away, a watch refused) are logged and retried by the stream.
+fn drive<E: std::fmt::Display>(
+    stream: impl futures::Stream<Item = Result<impl Send, E>> + Send + 'static,
+    kind: String,
+    changed: Arc<Notify>,
+) {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -344,7 +354,6 @@ fn reflect_dynamic(
             }
         }
     });
-    reader
 }
 
 /// A reflector of every `K` in the cluster, notifying `changed` on each event. The watcher
@@ -365,16 +374,7 @@ where
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
-    let kind = K::kind(&()).to_string();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(%kind, "watching the Kubernetes API: {e}"),
-            }
-        }
-    });
+    drive(stream, K::kind(&()).to_string(), changed);
     reader
 }
 
