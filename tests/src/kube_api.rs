@@ -431,14 +431,7 @@ impl KubeApi {
     /// audiences it is valid for; or not authenticated, with why.
     fn review(&self, review: &Value) -> Value {
         let token = review["spec"]["token"].as_str().unwrap_or_default();
-        let wanted: Vec<String> = review["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let wanted = strings(&review["spec"]["audiences"]);
         let status = match self.verify(token, &wanted) {
             Ok(status) => status,
             Err(error) => json!({"authenticated": false, "error": error}),
@@ -462,14 +455,7 @@ impl KubeApi {
         if claims["exp"].as_i64().is_none_or(|exp| exp < now) {
             return Err("[invalid bearer token, service account token has expired]".into());
         }
-        let audiences: Vec<String> = claims["aud"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let audiences = strings(&claims["aud"]);
         let granted: Vec<String> = if wanted.is_empty() {
             audiences.clone()
         } else {
@@ -1021,6 +1007,17 @@ fn serving_tls() -> anyhow::Result<(String, Arc<rustls::ServerConfig>)> {
             rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )?;
     Ok((ca_cert.pem(), Arc::new(config)))
+}
+
+/// The strings of a JSON array (nothing for anything else).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn json_stream(body: Body) -> Response {
