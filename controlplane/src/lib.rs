@@ -3,6 +3,7 @@
 //! feed it untrusted input.
 pub mod ca;
 pub mod emergency;
+pub mod health;
 pub mod kubernetes;
 pub mod node_auth;
 pub mod pki;

@@ -85,6 +85,10 @@ struct Args {
     /// projected token of it, bound to an agent pod on that node.
     #[arg(long, default_value = "meshlet-system/meshlet-agent")]
     agent_service_account: String,
+    /// Plain-HTTP health endpoint for kubelet probes: `/healthz`, and `/ready` (not ready,
+    /// with the reason, while the Kubernetes API cannot be watched).
+    #[arg(long)]
+    health_addr: Option<std::net::SocketAddr>,
     /// Kubernetes mode: the audience the agents' tokens are made for.
     #[arg(long, default_value = "meshlet")]
     token_audience: String,
@@ -254,6 +258,12 @@ async fn main() -> anyhow::Result<()> {
         (ca, rx, tx)
     };
     let mut reviewer = None;
+    let health = Arc::new(meshlet_controlplane::health::Health::default());
+    if let Some(addr) = args.health_addr {
+        meshlet_controlplane::health::serve(addr, health.clone())
+            .await
+            .with_context(|| format!("the health endpoint on {addr}"))?;
+    }
     let registry = match &args.workloads {
         Some(file) => registry::watch_file(file.clone())?,
         None => {
@@ -274,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
                     root_namespace: args.root_namespace.clone(),
                     istio_policies: args.istio_policies,
                 },
+                health.clone(),
             )
             .await
         }

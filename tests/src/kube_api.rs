@@ -184,8 +184,10 @@ pub struct KubeApi {
     events: broadcast::Sender<Event>,
     /// Bumped to end every open watch.
     cuts: broadcast::Sender<()>,
-    /// While set, every request gets 503 (the API server is "down").
+    /// While set, the API server is "down": connections are refused (closed at once) and open
+    /// ones, watches included, are dropped, as when the process is gone.
     down: AtomicBool,
+    down_signal: tokio::sync::watch::Sender<bool>,
     uids: AtomicU64,
     /// Signs the service account tokens it mints (HS256; only this server verifies them).
     signing_key: [u8; 32],
@@ -267,6 +269,7 @@ impl KubeApi {
             events: broadcast::channel(HISTORY).0,
             cuts: broadcast::channel(4).0,
             down: AtomicBool::new(false),
+            down_signal: tokio::sync::watch::channel(false).0,
             uids: AtomicU64::new(1),
             signing_key: rand::random(),
             roles: Mutex::new(BTreeMap::new()),
@@ -281,12 +284,18 @@ impl KubeApi {
             },
         );
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let server = api.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                if server.down.load(Ordering::SeqCst) {
+                    drop(tcp);
+                    continue;
+                }
                 let (acceptor, router) = (acceptor.clone(), router.clone());
+                let mut down = server.down_signal.subscribe();
                 tokio::spawn(async move {
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
@@ -294,9 +303,13 @@ impl KubeApi {
                         return;
                     };
                     let service = hyper_util::service::TowerToHyperService::new(router);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    // Going down drops the connection, as a dead server would.
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = down.wait_for(|d| *d) => {}
+                    }
                 });
             }
         });
@@ -505,9 +518,11 @@ impl KubeApi {
         objects.compacted = objects.version;
     }
 
-    /// While `down`, every request is answered 503 and open watches end.
+    /// While `down`, the server is as if gone: new connections are closed at once, open
+    /// ones (and their watches) are dropped.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+        self.down_signal.send_replace(down);
         if down {
             self.cut_watches();
         }

@@ -74,6 +74,8 @@ pub struct Lab {
     kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
     /// Control-plane replicas beyond the first: (socket, process).
     replicas: Vec<(String, Child)>,
+    /// The first control plane's health endpoint (Kubernetes mode).
+    controlplane_health: Option<std::net::SocketAddr>,
 }
 
 fn state_path(file: &str) -> PathBuf {
@@ -158,6 +160,7 @@ impl Lab {
             controlplane_args: Vec::new(),
             kube: None,
             replicas: Vec::new(),
+            controlplane_health: None,
         };
         // From here on, a failure tears down what was made (Drop).
         lab.build(pods, options)?;
@@ -357,6 +360,10 @@ impl Lab {
         if self.kube.is_some() {
             cp_args.push("--kubeconfig".into());
             cp_args.push(state_path("kubeconfig").into());
+            let health = free_port()?;
+            cp_args.push("--health-addr".into());
+            cp_args.push(health.to_string().into());
+            self.controlplane_health = Some(health);
         } else {
             cp_args.push("--workloads".into());
             cp_args.push(topo.workloads_file.clone().into());
@@ -624,6 +631,9 @@ impl Lab {
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = format!("unix:{socket}").into();
         }
+        if let Some(i) = args.iter().position(|a| a == "--health-addr") {
+            args[i + 1] = free_port()?.to_string().into();
+        }
         let child = Command::new(self.bin_dir.join("meshlet-controlplane"))
             .args(&args)
             .stdout(log.try_clone()?)
@@ -661,6 +671,29 @@ impl Lab {
         child.kill()?;
         child.wait()?;
         Ok(())
+    }
+
+    /// `GET path` from the first control plane's health endpoint: (status, body).
+    pub fn controlplane_health(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let addr = self
+            .controlplane_health
+            .context("the control plane has a health endpoint in Kubernetes mode only")?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_string()))
     }
 
     /// The process id of the (first) control plane.
@@ -823,6 +856,11 @@ fn wait_for_path(path: &Path, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A loopback address with a port free now (for a process started next).
+fn free_port() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// The control plane's RBAC as `deploy/` ships it.

@@ -248,20 +248,42 @@ fn the_control_plane_follows_the_api_through_cut_watches_410_and_an_outage() {
     let report = many(&lab, "web", "10.96.0.11:80", 5, None);
     assert_eq!(report["ok"], 5, "{report}");
 
-    // The API server away: the agents keep the last state and traffic flows.
+    assert_eq!(lab.controlplane_health("/ready").expect("ready").0, 200);
+    // The API server away: the agents keep the last state and traffic flows; the control
+    // plane says it is not ready, and why.
     kube.set_down(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = lab.controlplane_health("/ready").expect("ready");
+        if status == 503 && body.contains("kubernetes: disconnected since") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready with the API down: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_secs(5));
     let (ok, report, err) = send(&lab, "web", &format!("{}:8080", api.ip), 1024, None, None);
     assert!(ok, "with the API server away: {err} {report}");
     wait_workloads(&lab, "node-1", &["default/api", "default/web"]);
     wait_service(&lab, "node-1", "default/one", 1);
-    // Back: changes made after flow again.
+    // Back: changes made after flow again, and the control plane is ready again.
     kube.set_down(false);
     kube.create(kube_api::SERVICES, service("two"))
         .expect("service");
     kube.create(kube_api::ENDPOINT_SLICES, slice("two"))
         .expect("slice");
     wait_service(&lab, "node-1", "default/two", 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lab.controlplane_health("/ready").expect("ready").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the API came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     wait_workloads(&lab, "node-1", &["default/api", "default/web"]);
     let report = many(&lab, "web", "10.96.0.12:80", 5, None);
     assert_eq!(report["ok"], 5, "{report}");

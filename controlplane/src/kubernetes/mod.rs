@@ -222,24 +222,32 @@ fn mesh_settings(config: &ConfigMap, mesh: &mut v1::MeshPolicy) {
 /// that the first published state is whole (an agent must never be told of an empty mesh
 /// because a list is still on its way). Then every change is a new snapshot, a few
 /// milliseconds of changes at a time.
-pub async fn watch_cluster(client: Client, options: Options) -> watch::Receiver<Snapshot> {
+pub async fn watch_cluster(
+    client: Client,
+    options: Options,
+    health: Arc<crate::health::Health>,
+) -> watch::Receiver<Snapshot> {
     let changed = Arc::new(Notify::new());
+    let watching = Watching {
+        changed: changed.clone(),
+        health,
+    };
     let policies: Vec<(ApiResource, PolicyKind, Store<DynamicObject>)> =
         policy_apis(options.istio_policies)
             .into_iter()
             .map(|(api, kind)| {
-                let store = reflect_dynamic(client.clone(), &api, changed.clone());
+                let store = reflect_dynamic(client.clone(), &api, watching.clone());
                 (api, kind, store)
             })
             .collect();
     let cluster = Cluster {
-        namespaces: reflect(Api::all(client.clone()), changed.clone()),
-        pods: reflect(Api::all(client.clone()), changed.clone()),
-        services: reflect(Api::all(client.clone()), changed.clone()),
-        slices: reflect(Api::all(client.clone()), changed.clone()),
+        namespaces: reflect(Api::all(client.clone()), watching.clone()),
+        pods: reflect(Api::all(client.clone()), watching.clone()),
+        services: reflect(Api::all(client.clone()), watching.clone()),
+        slices: reflect(Api::all(client.clone()), watching.clone()),
         config: reflect(
             Api::namespaced(client.clone(), &options.root_namespace),
-            changed.clone(),
+            watching.clone(),
         ),
         policies,
         options,
@@ -319,11 +327,7 @@ fn write_statuses(client: &Client, cluster: &Cluster, updates: Vec<policy::Statu
 }
 
 /// A reflector of a resource known at run time (the policy CRDs).
-fn reflect_dynamic(
-    client: Client,
-    api: &ApiResource,
-    changed: Arc<Notify>,
-) -> Store<DynamicObject> {
+fn reflect_dynamic(client: Client, api: &ApiResource, watching: Watching) -> Store<DynamicObject> {
     let writer = reflector::store::Writer::new(api.clone());
     let reader = writer.as_reader();
     let stream = reflector(
@@ -334,8 +338,15 @@ fn reflect_dynamic(
         )
         .default_backoff(),
     );
-    drive(stream, api.kind.clone(), changed);
+    drive(stream, api.kind.clone(), watching);
     reader
+}
+
+/// What every reflector reports to: the rebuild trigger, and the health readiness reads.
+#[derive(Clone)]
+struct Watching {
+    changed: Arc<Notify>,
+    health: Arc<crate::health::Health>,
 }
 
 /// Runs a reflector's stream for as long as the control plane runs, notifying `changed` on
@@ -343,14 +354,25 @@ fn reflect_dynamic(
 fn drive<E: std::fmt::Display>(
     stream: impl futures::Stream<Item = Result<impl Send, E>> + Send + 'static,
     kind: String,
-    changed: Arc<Notify>,
+    watching: Watching,
 ) {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(%kind, "watching the Kubernetes API: {e}"),
+                Ok(_) => {
+                    watching.health.kubernetes_ok();
+                    watching.changed.notify_one();
+                }
+                Err(e) => {
+                    // Said once per outage (by the health); each retry only at debug.
+                    if !watching
+                        .health
+                        .kubernetes_failed(&format!("watching {kind}s: {e}"))
+                    {
+                        tracing::debug!(%kind, "watching the Kubernetes API: {e}");
+                    }
+                }
             }
         }
     });
@@ -359,7 +381,7 @@ fn drive<E: std::fmt::Display>(
 /// A reflector of every `K` in the cluster, notifying `changed` on each event. The watcher
 /// relists on a 410 and resumes after a cut watch, with backoff while the API is away; the
 /// store keeps the last state meanwhile.
-fn reflect<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+fn reflect<K>(api: Api<K>, watching: Watching) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -374,7 +396,7 @@ where
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
-    drive(stream, K::kind(&()).to_string(), changed);
+    drive(stream, K::kind(&()).to_string(), watching);
     reader
 }
 
