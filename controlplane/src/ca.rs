@@ -40,6 +40,9 @@ pub struct CertificateAuthority {
     trust_domain: String,
     signer: RwLock<Arc<Signer>>,
     max_lifetime: Duration,
+    /// The mesh settings' cap (Kubernetes ConfigMap `meshlet`, `certificateLifetime`), in
+    /// seconds; 0: none. Never above `max_lifetime`.
+    mesh_max_lifetime: std::sync::atomic::AtomicU64,
 }
 
 /// A certificate the CA issued.
@@ -86,6 +89,27 @@ impl CertificateAuthority {
             trust_domain: trust_domain.to_string(),
             signer: RwLock::new(Arc::new(signer)),
             max_lifetime,
+            mesh_max_lifetime: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The mesh settings' certificate lifetime, when they set one (it only ever shortens the
+    /// operator's `--max-cert-lifetime`).
+    pub fn set_mesh_max_lifetime(&self, lifetime: Option<Duration>) {
+        let secs = lifetime
+            .map(|l| l.as_secs().max(MIN_LIFETIME.as_secs()))
+            .unwrap_or(0);
+        self.mesh_max_lifetime
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_lifetime(&self) -> Duration {
+        match self
+            .mesh_max_lifetime
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => self.max_lifetime,
+            secs => self.max_lifetime.min(Duration::from_secs(secs)),
         }
     }
 
@@ -108,10 +132,11 @@ impl CertificateAuthority {
     /// The lifetime granted for a request: the operator's maximum caps it, zero asks for the
     /// maximum, and nothing is shorter than [`MIN_LIFETIME`].
     pub fn granted_lifetime(&self, requested: Duration) -> Duration {
+        let max = self.max_lifetime();
         if requested.is_zero() {
-            self.max_lifetime
+            max
         } else {
-            requested.min(self.max_lifetime).max(MIN_LIFETIME)
+            requested.min(max).max(MIN_LIFETIME)
         }
     }
 
@@ -288,5 +313,33 @@ mod tests {
                 Duration::ZERO
             )
             .is_err());
+    }
+}
+
+#[cfg(test)]
+mod lifetime_tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_settings_only_ever_shorten_the_operators_maximum() {
+        let (signer, _) = crate::pki::generate_dev("cluster.local").expect("dev CA");
+        let ca = CertificateAuthority::new("cluster.local", signer, Duration::from_secs(3600));
+        assert_eq!(
+            ca.granted_lifetime(Duration::from_secs(7200)).as_secs(),
+            3600
+        );
+        ca.set_mesh_max_lifetime(Some(Duration::from_secs(600)));
+        assert_eq!(
+            ca.granted_lifetime(Duration::from_secs(3600)).as_secs(),
+            600
+        );
+        assert_eq!(ca.granted_lifetime(Duration::ZERO).as_secs(), 600);
+        ca.set_mesh_max_lifetime(Some(Duration::from_secs(86_400)));
+        assert_eq!(
+            ca.granted_lifetime(Duration::from_secs(7200)).as_secs(),
+            3600
+        );
+        ca.set_mesh_max_lifetime(None);
+        assert_eq!(ca.granted_lifetime(Duration::ZERO).as_secs(), 3600);
     }
 }

@@ -15,6 +15,8 @@ use axum::{extract::State, http::StatusCode, routing::get, Router};
 pub struct Health {
     /// Since when, and why, a watch of the Kubernetes API has been failing.
     kubernetes_down: Mutex<Option<(SystemTime, String)>>,
+    /// What is wrong with the mesh settings in force, if anything.
+    settings: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -47,8 +49,27 @@ impl Health {
         }
     }
 
+    /// The mesh settings are wrong (`Some`, saying how) or fine again.
+    pub fn settings(&self, problem: Option<String>) {
+        let mut settings = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        if *settings != problem {
+            if let Some(p) = &problem {
+                tracing::error!("mesh settings: {p}");
+            }
+            *settings = problem;
+        }
+    }
+
     /// Why the control plane is not ready, if it is not.
     pub fn problem(&self) -> Option<String> {
+        if let Some(p) = self
+            .settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Some(format!("mesh settings: {p}"));
+        }
         let down = self
             .kubernetes_down
             .lock()

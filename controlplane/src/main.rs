@@ -283,12 +283,25 @@ async fn main() -> anyhow::Result<()> {
                 kubernetes::Options {
                     root_namespace: args.root_namespace.clone(),
                     istio_policies: args.istio_policies,
+                    trust_domain: args.trust_domain.clone(),
                 },
                 health.clone(),
             )
             .await
         }
     };
+    // The mesh settings' certificate lifetime, as it changes.
+    {
+        let (mut registry, ca) = (registry.clone(), ca.clone());
+        tokio::spawn(async move {
+            loop {
+                ca.set_mesh_max_lifetime(registry.borrow_and_update().certificate_lifetime);
+                if registry.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let published = publish::merge(registry.clone(), trust.clone());
     let node_identity = services::NodeIdentity {
         ca: ca.clone(),

@@ -108,6 +108,7 @@ impl RegistryFile {
             policies: self.policies,
             services: self.services,
             external_services: self.external_services,
+            certificate_lifetime: None,
         }
     }
 }
@@ -122,6 +123,9 @@ pub struct Snapshot {
     pub policies: Vec<AuthorizationPolicy>,
     pub services: Vec<Service>,
     pub external_services: Vec<ExternalService>,
+    /// The mesh settings' cap on workload certificate lifetimes (Kubernetes mode), for the
+    /// CA; not sent to nodes.
+    pub certificate_lifetime: Option<std::time::Duration>,
 }
 
 impl Snapshot {

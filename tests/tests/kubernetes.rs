@@ -589,3 +589,41 @@ fn two_control_plane_replicas_serve_and_agents_move_when_theirs_dies() {
     // Certificates still come: the identities' CA calls go to the replica that is left.
     wait_workloads(&lab, "node-1", &["default/api", "default/web"]);
 }
+
+#[test]
+fn the_mesh_config_map_sets_egress_and_a_wrong_setting_shows_in_readiness() {
+    let lab = up_kubernetes(&pods());
+    let kube = lab.kube().expect("Kubernetes mode");
+    let ext = lab.topology.pod("ext").expect("ext").clone();
+    let _server = Server::start_with(&lab, "ext", 9090, 100, 120);
+    let to = format!("{}:9090", ext.ip);
+    eventually_reaches(&lab, "web", &to, true);
+    let config = |data: Value| json!({"metadata": {"name": "meshlet", "namespace": "meshlet-system"}, "data": data});
+    kube.create(
+        kube_api::CONFIG_MAPS,
+        config(json!({"outboundTrafficPolicy": "REGISTRY_ONLY", "certificateLifetime": "30m"})),
+    )
+    .expect("config map");
+    eventually_reaches(&lab, "web", &to, false);
+    assert_eq!(lab.controlplane_health("/ready").expect("ready").0, 200);
+    // A trust domain that is not the CA's: named in readiness, the rest still applied.
+    kube.replace(
+        kube_api::CONFIG_MAPS,
+        config(json!({"outboundTrafficPolicy": "REGISTRY_ONLY", "trustDomain": "other.local"})),
+    )
+    .expect("config map");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = lab.controlplane_health("/ready").expect("ready");
+        if status == 503 && body.contains("trustDomain \"other.local\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never named the bad setting: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _, _) = send(&lab, "web", &to, 64, None, None);
+    assert!(!ok, "REGISTRY_ONLY stays in force");
+}

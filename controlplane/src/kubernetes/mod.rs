@@ -48,6 +48,8 @@ pub struct Options {
     pub root_namespace: String,
     /// Also read `security.istio.io/v1` PeerAuthentications and AuthorizationPolicies.
     pub istio_policies: bool,
+    /// The CA's trust domain (the mesh settings may only repeat it).
+    pub trust_domain: String,
 }
 
 /// The policy APIs read: meshlet's group, and Istio's when asked.
@@ -135,6 +137,7 @@ pub struct Cluster {
     config: Store<ConfigMap>,
     policies: Vec<(ApiResource, PolicyKind, Store<DynamicObject>)>,
     options: Options,
+    health: Arc<crate::health::Health>,
 }
 
 impl Cluster {
@@ -180,14 +183,15 @@ impl Cluster {
         snapshot.mesh.mode = part.mesh_mode;
         snapshot.modes = part.modes;
         snapshot.policies = part.policies;
-        if let Some(config) = self
+        let problems = self
             .config
             .state()
             .iter()
             .find(|c| c.meta().name.as_deref() == Some(MESH_CONFIG_MAP))
-        {
-            mesh_settings(config, &mut snapshot.mesh);
-        }
+            .map(|config| mesh_settings(config, &self.options.trust_domain, &mut snapshot))
+            .unwrap_or_default();
+        self.health
+            .settings((!problems.is_empty()).then(|| problems.join("; ")));
         (snapshot, updates)
     }
 }
@@ -195,27 +199,53 @@ impl Cluster {
 use serde_json::Value;
 
 /// The mesh settings of the `meshlet` ConfigMap: `outboundTrafficPolicy` (ALLOW_ANY or
-/// REGISTRY_ONLY) and `defaultDeny` ("true"/"false"). A bad value is logged and left out (the
-/// agents' default, never a guess).
-fn mesh_settings(config: &ConfigMap, mesh: &mut v1::MeshPolicy) {
+/// REGISTRY_ONLY), `defaultDeny` ("true"/"false"), `certificateLifetime` (like "12h": caps the
+/// CA's `--max-cert-lifetime`, never raises it), `trustDomain` (must be the control plane's:
+/// it cannot change under a running CA). A bad value is left out (the default, never a guess)
+/// and answered as a problem, which readiness shows.
+pub fn mesh_settings(
+    config: &ConfigMap,
+    trust_domain: &str,
+    snapshot: &mut Snapshot,
+) -> Vec<String> {
     let data = config.data.clone().unwrap_or_default();
-    if let Some(policy) = data.get("outboundTrafficPolicy") {
-        match policy.as_str() {
-            "ALLOW_ANY" | "REGISTRY_ONLY" => mesh.outbound_traffic_policy = policy.clone(),
-            other => tracing::error!(
-                "ConfigMap {MESH_CONFIG_MAP}: outboundTrafficPolicy {other:?} is not ALLOW_ANY or REGISTRY_ONLY; using ALLOW_ANY"
-            ),
+    let mut problems = Vec::new();
+    for (key, value) in &data {
+        match key.as_str() {
+            "outboundTrafficPolicy" => match value.as_str() {
+                "ALLOW_ANY" | "REGISTRY_ONLY" => {
+                    snapshot.mesh.outbound_traffic_policy = value.clone()
+                }
+                other => problems.push(format!(
+                    "outboundTrafficPolicy {other:?} is not ALLOW_ANY or REGISTRY_ONLY (ALLOW_ANY in force)"
+                )),
+            },
+            "defaultDeny" => match value.as_str() {
+                "true" => snapshot.mesh.default_deny = true,
+                "false" => snapshot.mesh.default_deny = false,
+                other => problems.push(format!(
+                    "defaultDeny {other:?} is not \"true\" or \"false\" (false in force)"
+                )),
+            },
+            "certificateLifetime" => match humantime::parse_duration(value) {
+                Ok(d) if d >= Duration::from_secs(60) => snapshot.certificate_lifetime = Some(d),
+                _ => problems.push(format!(
+                    "certificateLifetime {value:?} is not a duration of at least a minute, like \"12h\" (--max-cert-lifetime in force)"
+                )),
+            },
+            "trustDomain" if value != trust_domain => problems.push(format!(
+                "trustDomain {value:?} is not this control plane's {trust_domain:?}; a trust domain cannot change under a running CA: fix the ConfigMap or --trust-domain"
+            )),
+            "trustDomain" => {}
+            other => problems.push(format!(
+                "{other:?} is not a mesh setting (outboundTrafficPolicy, defaultDeny, certificateLifetime, trustDomain)"
+            )),
         }
     }
-    if let Some(deny) = data.get("defaultDeny") {
-        match deny.as_str() {
-            "true" => mesh.default_deny = true,
-            "false" => mesh.default_deny = false,
-            other => tracing::error!(
-                "ConfigMap {MESH_CONFIG_MAP}: defaultDeny {other:?} is not \"true\" or \"false\"; using false"
-            ),
-        }
-    }
+    problems
+        .iter_mut()
+        .for_each(|p| *p = format!("ConfigMap {MESH_CONFIG_MAP}: {p}"));
+    problems
 }
 
 /// Starts watching the cluster and returns once every reflector has its first full list, so
@@ -230,7 +260,7 @@ pub async fn watch_cluster(
     let changed = Arc::new(Notify::new());
     let watching = Watching {
         changed: changed.clone(),
-        health,
+        health: health.clone(),
     };
     let policies: Vec<(ApiResource, PolicyKind, Store<DynamicObject>)> =
         policy_apis(options.istio_policies)
@@ -251,6 +281,7 @@ pub async fn watch_cluster(
         ),
         policies,
         options,
+        health,
     };
     tracing::info!("waiting for the first list of namespaces, pods, services, endpointslices, policies and the mesh settings");
     let _ = cluster.namespaces.wait_until_ready().await;
@@ -287,6 +318,7 @@ pub async fn watch_cluster(
                     && current.modes == next.modes
                     && current.policies == next.policies
                     && current.mesh == next.mesh
+                    && current.certificate_lifetime == next.certificate_lifetime
             };
             if same {
                 continue;
@@ -640,6 +672,39 @@ mod tests {
                                      "livenessProbe": {"tcpSocket": {"port": 9090}}}]},
             "status": {"phase": "Running", "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
         }))
+    }
+
+    #[test]
+    fn mesh_settings_apply_and_bad_ones_are_named() {
+        let config: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": MESH_CONFIG_MAP, "namespace": "meshlet-system"},
+            "data": {"outboundTrafficPolicy": "REGISTRY_ONLY", "defaultDeny": "true",
+                     "certificateLifetime": "2h", "trustDomain": "cluster.local"},
+        }))
+        .expect("config map");
+        let mut s = Snapshot::default();
+        assert!(mesh_settings(&config, "cluster.local", &mut s).is_empty());
+        assert_eq!(s.mesh.outbound_traffic_policy, "REGISTRY_ONLY");
+        assert!(s.mesh.default_deny);
+        assert_eq!(s.certificate_lifetime, Some(Duration::from_secs(7200)));
+        let bad: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": MESH_CONFIG_MAP},
+            "data": {"outboundTrafficPolicy": "DENY", "certificateLifetime": "5s",
+                     "trustDomain": "other.local", "colour": "blue"},
+        }))
+        .expect("config map");
+        let mut s = Snapshot::default();
+        let problems = mesh_settings(&bad, "cluster.local", &mut s).join("\n");
+        for needle in [
+            "outboundTrafficPolicy \"DENY\"",
+            "certificateLifetime \"5s\"",
+            "trustDomain \"other.local\"",
+            "\"colour\" is not a mesh setting",
+        ] {
+            assert!(problems.contains(needle), "{problems}");
+        }
+        assert_eq!(s.mesh.outbound_traffic_policy, "");
+        assert_eq!(s.certificate_lifetime, None);
     }
 
     #[test]
