@@ -555,11 +555,7 @@ impl KubeApi {
         name: &str,
     ) -> Result<Value, ApiError> {
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (
-            resource.plural,
-            scope(resource, namespace),
-            name.to_string(),
-        );
+        let key = key(resource, namespace, name);
         let Some(mut object) = objects.items.remove(&key) else {
             return Err(not_found(resource, name));
         };
@@ -572,14 +568,7 @@ impl KubeApi {
     /// An object, if it exists.
     pub fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
         let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        objects
-            .items
-            .get(&(
-                resource.plural,
-                scope(resource, namespace),
-                name.to_string(),
-            ))
-            .cloned()
+        objects.items.get(&key(resource, namespace, name)).cloned()
     }
 
     fn create_in(
@@ -647,11 +636,7 @@ impl KubeApi {
         part: Subresource,
     ) -> Result<Value, ApiError> {
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (
-            resource.plural,
-            scope(resource, namespace),
-            name.to_string(),
-        );
+        let key = key(resource, namespace, name);
         let Some(current) = objects.items.get(&key).cloned() else {
             return Err(not_found(resource, name));
         };
@@ -1104,6 +1089,15 @@ impl Target {
             subresource,
         })
     }
+}
+
+/// Where an object is stored: (resource, namespace or "" when cluster-scoped, name).
+fn key(resource: Resource, namespace: &str, name: &str) -> (&'static str, String, String) {
+    (
+        resource.plural,
+        scope(resource, namespace),
+        name.to_string(),
+    )
 }
 
 fn scope(resource: Resource, namespace: &str) -> String {

@@ -675,25 +675,10 @@ impl Lab {
 
     /// `GET path` from the first control plane's health endpoint: (status, body).
     pub fn controlplane_health(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        use std::io::{Read, Write};
         let addr = self
             .controlplane_health
             .context("the control plane has a health endpoint in Kubernetes mode only")?;
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok((status, body.to_string()))
+        Ok(net::http_get(addr, path)?)
     }
 
     /// The process id of the (first) control plane.

@@ -5,7 +5,6 @@
 //! - the bytes a node receives for one pod change (the incremental update),
 //! - the time from a pod's creation in the API to both agents having it, p50/p99.
 use std::{
-    io::{Read, Write},
     path::Path,
     time::{Duration, Instant},
 };
@@ -48,16 +47,11 @@ impl ScalePlan {
 /// The mesh's workload count on `node`'s agent (its metrics, read inside the node's netns).
 fn workloads_on(lab: &Lab, node: &str) -> Option<u64> {
     let netns = lab.topology.node(node)?.netns.clone();
-    let text = meshlet_lab::netns::run_in(&netns, || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", 15000))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
+    let (_, text) = meshlet_lab::netns::run_in(&netns, || {
+        Ok(meshlet_lab::net::http_get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 15000)),
+            "/metrics",
+        )?)
     })
     .ok()?;
     text.lines()

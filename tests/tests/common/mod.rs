@@ -1,7 +1,7 @@
 //! Helpers shared by the lab test files: bringing a lab up, the probe app as server and client.
 #![allow(dead_code)]
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::{Child, Stdio},
@@ -211,21 +211,10 @@ pub fn admin_get(lab: &Lab, node: &str, port: u16, path: &str) -> (u16, String) 
     let netns = lab.topology.node(node).expect("node").netns.clone();
     let path = path.to_string();
     meshlet_lab::netns::run_in(&netns, move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok((status, body.to_string()))
+        Ok(meshlet_lab::net::http_get(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            &path,
+        )?)
     })
     .expect("admin GET")
 }
