@@ -24,7 +24,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     // The whole discovery update too, so that a config dump carries what the agent applied.
-    for message in ["DiscoveryResponse", "Workload", "FederatedBundle"] {
+    for message in [
+        "DiscoveryResponse",
+        "Workload",
+        "FederatedBundle",
+        "MeshScope",
+    ] {
         config = config.type_attribute(
             format!(".meshlet.v1.{message}"),
             "#[derive(serde::Deserialize, serde::Serialize)] #[serde(default)]",

@@ -8,10 +8,12 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod cni;
 pub mod connections;
 pub mod control_plane;
 pub mod deliver;
 pub mod discovery;
+pub mod enrolled;
 pub mod identity;
 pub mod inbound;
 pub mod limits;

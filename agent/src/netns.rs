@@ -20,6 +20,8 @@ use std::{
     },
 };
 
+use std::os::fd::AsRawFd;
+
 use socket2::{Domain, Protocol, Socket, Type};
 
 use nix::sched::CloneFlags;
@@ -99,6 +101,23 @@ fn new_tcp_socket(ipv6: bool) -> io::Result<Socket> {
     Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
 }
 
+/// A network namespace's device and inode numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NetnsId {
+    pub fn of(fd: impl std::os::fd::AsFd) -> io::Result<Self> {
+        let stat = nix::sys::stat::fstat(fd.as_fd().as_raw_fd())?;
+        Ok(Self {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        })
+    }
+}
+
 /// An open network namespace and the thread that lives in it.
 pub struct Netns {
     path: PathBuf,
@@ -136,6 +155,13 @@ impl Netns {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_file(file, path)
+    }
+
+    /// Takes an open namespace (e.g. a file descriptor the CNI plugin passed) and starts its
+    /// worker thread; `path` is where the runtime keeps it, for logs and for finding it again
+    /// after an agent restart.
+    pub fn from_file(file: File, path: &Path) -> Result<Self, NetnsError> {
         let worker_file = file.try_clone().map_err(|source| NetnsError::Open {
             path: path.to_path_buf(),
             source,
@@ -185,6 +211,12 @@ impl Netns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The namespace's identity: device and inode of its nsfs file, equal for every handle
+    /// on one namespace and never shared by two live ones.
+    pub fn id(&self) -> io::Result<NetnsId> {
+        NetnsId::of(&self.file)
     }
 
     /// The namespace's ephemeral port range (`net.ipv4.ip_local_port_range`, read at open),

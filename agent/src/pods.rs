@@ -15,7 +15,15 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{deliver, identity::SpiffeId, inbound, netns::Netns, node::NodeAgent, outbound};
+use crate::{
+    deliver,
+    enrolled::{EnrolledFile, Record},
+    identity::SpiffeId,
+    inbound,
+    netns::{Netns, NetnsId},
+    node::NodeAgent,
+    outbound,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -92,6 +100,7 @@ impl PodHandle {
 
 struct Pod {
     handle: Arc<PodHandle>,
+    netns_id: NetnsId,
     tasks: Vec<JoinHandle<()>>,
     identity: Option<SpiffeId>,
     /// Inbound capture as last set, and the workload-wide mode it follows from.
@@ -115,6 +124,7 @@ pub struct PodSummary {
 /// All pods of this node.
 pub struct PodRegistry {
     agent: Arc<NodeAgent>,
+    enrolled: Option<EnrolledFile>,
     pods: Mutex<HashMap<String, Pod>>,
     /// Uids whose enrollment is under way: a second AddPod for one of them is refused until
     /// the first has finished (the check and the insert are far apart: netns, listeners,
@@ -147,9 +157,11 @@ struct PodSockets {
 }
 
 impl PodRegistry {
-    pub fn new(agent: Arc<NodeAgent>) -> Arc<Self> {
+    /// The node's pods; `enrolled` is where they are recorded for a restarted agent.
+    pub fn new(agent: Arc<NodeAgent>, enrolled: Option<EnrolledFile>) -> Arc<Self> {
         let registry = Arc::new(Self {
             agent,
+            enrolled,
             pods: Mutex::new(HashMap::new()),
             adding: Mutex::new(std::collections::HashSet::new()),
         });
@@ -168,17 +180,46 @@ impl PodRegistry {
         registry
     }
 
-    /// Enrolls a pod: listeners in its netns, delivery routing, redirect map entry.
+    /// Enrolls the pod whose network namespace is at `netns_path` (the node API's AddPod).
     pub async fn add(&self, uid: &str, netns_path: &Path) -> Result<u64, PodError> {
+        let file = std::fs::File::open(netns_path).map_err(|source| PodError::Netns {
+            uid: uid.to_string(),
+            source: crate::netns::NetnsError::Open {
+                path: netns_path.to_path_buf(),
+                source,
+            },
+        })?;
+        self.add_netns(uid, file, netns_path).await
+    }
+
+    /// Enrolls a pod: listeners in its netns, delivery routing, redirect map entry. `netns`
+    /// is the open namespace (from the CNI plugin, or opened by path); `netns_path` is where
+    /// the runtime keeps it. Enrolling the same pod in the same namespace again is a no-op.
+    pub async fn add_netns(
+        &self,
+        uid: &str,
+        netns: std::fs::File,
+        netns_path: &Path,
+    ) -> Result<u64, PodError> {
         if uid.is_empty() {
             return Err(PodError::EmptyUid);
         }
+        let netns_error = |source| PodError::Netns {
+            uid: uid.to_string(),
+            source,
+        };
+        let id = NetnsId::of(&netns).map_err(|source| {
+            netns_error(crate::netns::NetnsError::Open {
+                path: netns_path.to_path_buf(),
+                source,
+            })
+        })?;
         // Both checks under the `adding` lock, so that two requests for one uid cannot both
         // pass them.
         let _adding = {
             let mut adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(existing) = self.pods.lock().unwrap_or_else(|e| e.into_inner()).get(uid) {
-                if existing.handle.netns.path() == netns_path {
+                if existing.netns_id == id {
                     return Ok(existing.handle.netns_cookie);
                 }
                 return Err(PodError::Conflict {
@@ -196,10 +237,7 @@ impl PodRegistry {
                 uid: uid.to_string(),
             }
         };
-        let netns = Netns::open(netns_path).map_err(|source| PodError::Netns {
-            uid: uid.to_string(),
-            source,
-        })?;
+        let netns = Netns::from_file(netns, netns_path).map_err(netns_error)?;
         let sockets = netns
             .run(open_listeners)
             .await
@@ -282,6 +320,7 @@ impl PodRegistry {
             uid.to_string(),
             Pod {
                 handle,
+                netns_id: id,
                 tasks,
                 identity: None,
                 captured: true,
@@ -289,8 +328,94 @@ impl PodRegistry {
                 exempted: Vec::new(),
             },
         );
+        self.save();
         self.reconcile();
         Ok(sockets.cookie)
+    }
+
+    /// The agent the pods belong to.
+    pub fn agent(&self) -> &Arc<NodeAgent> {
+        &self.agent
+    }
+
+    /// The network namespace a pod is enrolled with, if it is.
+    pub fn enrolled_netns(&self, uid: &str) -> Option<NetnsId> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .map(|p| p.netns_id)
+    }
+
+    /// Records the enrolled pods for a restarted agent. A failure is logged: the pods work
+    /// on, and only adoption after a restart would miss them (their next CNI call, or a
+    /// pod restart, enrolls them again).
+    fn save(&self) {
+        let Some(file) = &self.enrolled else { return };
+        let mut records: Vec<Record> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|p| Record {
+                uid: p.handle.uid.clone(),
+                netns_path: p.handle.netns.path().to_path_buf(),
+                netns: p.netns_id,
+                netns_cookie: p.handle.netns_cookie,
+            })
+            .collect();
+        records.sort_by(|a, b| a.uid.cmp(&b.uid));
+        if let Err(e) = file.save(&records) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// At start, before the node socket opens: enrolls again every pod a previous agent
+    /// recorded whose network namespace still exists, and forgets the rest (in the redirect
+    /// map and the pins). Returns (adopted, gone).
+    pub async fn adopt(&self) -> (usize, usize) {
+        let Some(file) = &self.enrolled else {
+            return (0, 0);
+        };
+        let records = match file.load() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!("{e}");
+                Vec::new()
+            }
+        };
+        let started = std::time::Instant::now();
+        let mut keep = std::collections::HashSet::new();
+        let (mut adopted, mut gone) = (0, 0);
+        for record in records {
+            let Some((netns, path)) = crate::enrolled::find_netns(&record, Path::new("/proc"))
+            else {
+                tracing::info!(pod = %record.uid, netns = %record.netns_path.display(),
+                    "pod left while no agent ran; forgotten");
+                gone += 1;
+                continue;
+            };
+            match self.add_netns(&record.uid, netns, &path).await {
+                Ok(cookie) => {
+                    keep.insert(cookie);
+                    adopted += 1;
+                }
+                Err(e) => {
+                    tracing::error!(pod = %record.uid, "cannot adopt the pod again: {e}");
+                    gone += 1;
+                }
+            }
+        }
+        let forgotten = self.agent.redirect.forget_pods_except(&keep);
+        self.save();
+        tracing::info!(
+            adopted,
+            gone,
+            forgotten,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "pods of the previous agent adopted"
+        );
+        (adopted, gone)
     }
 
     /// Forgets a pod: unenrolls it, closes its listeners, lets go of its netns and identity.
@@ -314,6 +439,7 @@ impl PodRegistry {
         if let Some(identity) = &pod.identity {
             self.agent.identities.release(identity);
         }
+        self.save();
         tracing::info!(pod = %uid, "pod removed");
         true
     }

@@ -391,6 +391,38 @@ impl Redirect {
         let _ = map.remove(&netns_cookie);
     }
 
+    /// After adoption: forgets every enrolled netns not in `keep` (pods that left while no
+    /// agent ran), in the redirect map and their pinned capture links.
+    pub fn forget_pods_except(&self, keep: &std::collections::HashSet<u64>) -> usize {
+        let mut forgotten = 0;
+        {
+            let mut map = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+            let stale: Vec<u64> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|cookie| !keep.contains(cookie))
+                .collect();
+            for cookie in stale {
+                if map.remove(&cookie).is_ok() {
+                    forgotten += 1;
+                }
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let cookie = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("capture_"))
+                    .and_then(|c| c.parse::<u64>().ok());
+                if cookie.is_some_and(|c| !keep.contains(&c)) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        forgotten
+    }
+
     /// Where the connection that the outbound listener accepted from `peer` (inside the netns
     /// with this cookie) was going. Consumes the entry.
     pub fn take_original_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {

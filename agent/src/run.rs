@@ -47,6 +47,15 @@ pub struct AgentConfig {
     /// Unix socket for the node-local pod API (the CNI side).
     #[arg(long, default_value = "/run/meshlet/agent.sock")]
     pub node_socket: PathBuf,
+    /// Unix socket (SOCK_SEQPACKET) on which meshlet-cni hands over new pods' network
+    /// namespaces. Default: `cni.sock` beside the node socket.
+    #[arg(long)]
+    pub cni_socket: Option<PathBuf>,
+    /// Where the enrolled pods are recorded, so that a restarted agent adopts them again.
+    /// Default: `pods.json` beside the node socket (a tmpfs in a cluster: it should outlive
+    /// the agent, not the node).
+    #[arg(long)]
+    pub enrolled_file: Option<PathBuf>,
     /// This node's pod cgroup subtree; the redirect programs attach here.
     #[arg(long)]
     pub pod_cgroup: PathBuf,
@@ -257,7 +266,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         bundle,
         metrics,
     ));
-    let pods = PodRegistry::new(agent.clone());
+    let enrolled_file = config
+        .enrolled_file
+        .clone()
+        .unwrap_or_else(|| beside(&config.node_socket, "pods.json"));
+    let pods = PodRegistry::new(
+        agent.clone(),
+        Some(crate::enrolled::EnrolledFile::new(enrolled_file)),
+    );
+    // Every pod a previous agent enrolled, adopted again before any new pod is taken.
+    pods.adopt().await;
     let admin = crate::admin::serve(config.admin_addr, agent.clone(), pods.clone()).await?;
     tokio::spawn(async move {
         if let Err(e) = admin.await {
@@ -271,6 +289,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(socket);
     let listener = bind_node_socket(socket)?;
+    let cni_socket = config
+        .cni_socket
+        .clone()
+        .unwrap_or_else(|| beside(&config.node_socket, "cni.sock"));
+    let cni = crate::cni::bind(&cni_socket)?;
+    tokio::spawn(crate::cni::serve(cni, pods.clone()));
+    tracing::info!(socket = %cni_socket.display(), "CNI socket open");
     tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
     // Only root on this node may enroll or remove pods: the socket is 0600 root, and each
     // caller's credentials are checked as well (a socket passed to another process, or a
@@ -289,6 +314,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     serve.await.context("node API server")?;
     tracing::info!("meshlet agent stopping");
     Ok(())
+}
+
+/// `name` in the node socket's folder.
+fn beside(node_socket: &std::path::Path, name: &str) -> PathBuf {
+    node_socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .join(name)
 }
 
 /// Binds the node socket with mode 0600 from the start (the umask does not decide it: the

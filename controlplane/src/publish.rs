@@ -39,6 +39,7 @@ impl Published {
             incremental: false,
             removed_workloads: Vec::new(),
             removed_services: Vec::new(),
+            scope: Some(self.registry.scope.clone()),
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use meshlet_proto::v1::{
-    AuthorizationPolicy, ExternalService, MeshPolicy, ModeRule, Service, Workload,
+    AuthorizationPolicy, ExternalService, MeshPolicy, MeshScope, ModeRule, Service, Workload,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -65,6 +65,9 @@ pub struct RegistryFile {
     /// Destinations outside the mesh that REGISTRY_ONLY lets through.
     #[serde(default)]
     pub external_services: Vec<ExternalService>,
+    /// Namespaces whose new pods the CNI plugin enrolls; unset, those of `workloads`.
+    #[serde(default)]
+    pub mesh_namespaces: Option<Vec<String>>,
 }
 
 impl RegistryFile {
@@ -86,6 +89,11 @@ impl RegistryFile {
 
     /// The snapshot this file describes, as version `version`.
     pub fn into_snapshot(self, version: u64) -> Snapshot {
+        let mut namespaces = self
+            .mesh_namespaces
+            .unwrap_or_else(|| self.workloads.iter().map(|w| w.namespace.clone()).collect());
+        namespaces.sort();
+        namespaces.dedup();
         let workloads = self
             .workloads
             .into_iter()
@@ -108,6 +116,10 @@ impl RegistryFile {
             policies: self.policies,
             services: self.services,
             external_services: self.external_services,
+            scope: MeshScope {
+                namespaces,
+                excluded_pods: Vec::new(),
+            },
             certificate_lifetime: None,
         }
     }
@@ -123,6 +135,8 @@ pub struct Snapshot {
     pub policies: Vec<AuthorizationPolicy>,
     pub services: Vec<Service>,
     pub external_services: Vec<ExternalService>,
+    /// Which new pods the CNI plugin enrolls.
+    pub scope: MeshScope,
     /// The mesh settings' cap on workload certificate lifetimes (Kubernetes mode), for the
     /// CA; not sent to nodes.
     pub certificate_lifetime: Option<std::time::Duration>,

@@ -2,6 +2,7 @@
 #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
 
 pub mod channel;
+pub mod cni_socket;
 
 /// Version 1 of the API: certificates, discovery, and the node-local pod API.
 pub mod v1 {

@@ -496,14 +496,76 @@ impl Lab {
         Ok(args)
     }
 
-    /// Tells the pod's node agent about it (the CNI's job).
-    pub fn announce(&self, pod: &PodInfo) -> anyhow::Result<u64> {
+    /// Tells the pod's node agent about it as a container runtime does: runs `meshlet-cni`
+    /// ADD with the CNI environment and a network configuration whose `prevResult` is the
+    /// pod's interface and addresses (what the cluster's own plugin made), and retries while
+    /// the plugin says to try again later (the agent has no state yet), as kubelet retries
+    /// a sandbox.
+    pub fn announce(&self, pod: &PodInfo) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cni(pod, "ADD")?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let retry =
+                serde_json::from_str::<serde_json::Value>(&stdout).is_ok_and(|e| e["code"] == 11);
+            if !retry || Instant::now() > deadline {
+                bail!(
+                    "meshlet-cni ADD of {} failed: {stdout}{}",
+                    pod.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `meshlet-cni` with `command` for `pod`, as a runtime would.
+    pub fn cni(&self, pod: &PodInfo, command: &str) -> anyhow::Result<std::process::Output> {
+        use std::io::Write;
         let node = self.topology.node(&pod.node).context("pod's node")?;
-        let request = AddPodRequest {
-            uid: pod.uid.clone(),
-            netns_path: pod.netns_path.clone(),
-        };
-        self.add_pod(&node.agent_socket, request)
+        let socket = Path::new(&node.agent_socket).with_file_name("cni.sock");
+        let mut ips =
+            vec![serde_json::json!({"address": format!("{}/32", pod.ip), "interface": 0})];
+        if let Some(ip6) = pod.ip6 {
+            ips.push(serde_json::json!({"address": format!("{ip6}/128"), "interface": 0}));
+        }
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "meshlet-lab",
+            "type": "meshlet-cni",
+            "socket": socket,
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": pod.netns_path}],
+                "ips": ips,
+            },
+        });
+        let mut child = Command::new(self.bin_dir.join("meshlet-cni"))
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("lab-{}", pod.name))
+            .env("CNI_NETNS", &pod.netns_path)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.bin_dir)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+                    pod.namespace, pod.name, pod.uid
+                ),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running meshlet-cni")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&serde_json::to_vec(&config)?)?;
+        }
+        child.wait_with_output().context("meshlet-cni")
     }
 
     /// Sends an AddPod to an agent; the error is the agent's own words.

@@ -14,12 +14,14 @@ use meshlet_spiffe::{SpiffeId, SpiffeIdError};
 pub mod egress;
 pub mod policy;
 pub mod route;
+pub mod scope;
 pub mod service;
 mod store;
 pub mod workload;
 
 pub use egress::{ExternalService, OutboundTrafficPolicy};
 pub use route::{Route, RouteInputs, RouteOutcome, Upstream, UpstreamKind};
+pub use scope::{Membership, Scope};
 pub use service::{Endpoint, Health, Protocol, Service, ServicePort, TargetPort};
 pub use store::{Store, StreamPosition, MAX_UPDATE_BYTES};
 pub use workload::{Labels, WorkloadInfo};
@@ -86,6 +88,8 @@ pub struct MeshState {
     pub policy: Arc<PolicySet>,
     pub outbound_traffic_policy: OutboundTrafficPolicy,
     pub external_services: Vec<ExternalService>,
+    /// Which new pods join the mesh.
+    pub scope: Scope,
     /// The update as applied, for config dumps: protobuf-encoded, a tenth of its decoded size
     /// (labels maps and strings of every workload), decoded only when a dump asks.
     update: Option<Vec<u8>>,
@@ -108,6 +112,7 @@ impl MeshState {
             )?),
             outbound_traffic_policy: OutboundTrafficPolicy::parse(outbound)
                 .ok_or_else(|| StateError::OutboundTrafficPolicy(outbound.into()))?,
+            scope: Scope::from_proto(update.scope.as_ref()),
             ..Default::default()
         };
         // Label strings shared across the update's workloads.
@@ -169,6 +174,15 @@ impl MeshState {
 
     pub fn by_uid(&self, uid: &str) -> Option<&Arc<WorkloadInfo>> {
         self.by_uid.get(uid)
+    }
+
+    /// Whether a pod starting on this node joins the mesh; `None` while no update has come
+    /// (the agent cannot decide, so the pod waits: CNI ADD fails and is retried).
+    pub fn membership(&self, uid: &str, namespace: &str) -> Option<Membership> {
+        self.update.is_some().then(|| {
+            self.scope
+                .membership(uid, namespace, self.by_uid.contains_key(uid))
+        })
     }
 
     /// The workload an address belongs to (IPv4-mapped IPv6 addresses are their IPv4).

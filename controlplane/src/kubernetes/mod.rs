@@ -473,10 +473,28 @@ pub fn snapshot(
         })
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut excluded_pods: Vec<String> = pods
+        .iter()
+        .filter(|p| {
+            let meta = p.meta();
+            meta.namespace
+                .as_deref()
+                .is_some_and(|ns| meshed_namespaces.contains(ns))
+                && label(meta.labels.as_ref(), MESH_LABEL) == Some("disabled")
+        })
+        .filter_map(|p| p.meta().uid.clone())
+        .collect();
+    excluded_pods.sort();
+    let mut namespaces: Vec<String> = meshed_namespaces.iter().map(|n| n.to_string()).collect();
+    namespaces.sort();
     Snapshot {
         version,
         workloads,
         services,
+        scope: v1::MeshScope {
+            namespaces,
+            excluded_pods,
+        },
         ..Default::default()
     }
 }

@@ -1,0 +1,116 @@
+//! The CNI socket's wire: a `SOCK_SEQPACKET` unix socket on which `meshlet-cni` sends one
+//! [`CniRequest`] (with the pod's network namespace as an `SCM_RIGHTS` descriptor on ADD)
+//! and the agent answers one [`CniReply`]. One message is one packet, so there is no framing
+//! to get wrong; a packet larger than [`MAX_MESSAGE`] is refused, not cut.
+use std::{
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+
+use crate::v1::{CniReply, CniRequest};
+
+/// The largest message either side sends or takes.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// Most descriptors one message may carry (a request carries at most one).
+const MAX_FDS: usize = 4;
+
+/// Sends `message`, with `fd` attached when given.
+pub fn send(
+    socket: BorrowedFd<'_>,
+    message: &impl prost::Message,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let bytes = message.encode_to_vec();
+    if bytes.len() > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("message of {} bytes is over {MAX_MESSAGE}", bytes.len()),
+        ));
+    }
+    let fds = fd.map(|fd| [fd.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    socket::sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one message and the descriptors that came with it (owned: dropped, they close).
+/// A would-block socket gives `ErrorKind::WouldBlock`; a closed one `UnexpectedEof`.
+pub fn recv<M: prost::Message + Default>(socket: BorrowedFd<'_>) -> io::Result<(M, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = socket::recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let (bytes, flags) = (msg.bytes, msg.flags);
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                // SAFETY: the kernel just installed these descriptors in this process for this
+                // message; nothing else owns them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+    }
+    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) || bytes > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message over {MAX_MESSAGE} bytes or {MAX_FDS} descriptors"),
+        ));
+    }
+    if bytes == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let message = M::decode(&buf[..bytes]).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a valid message: {e}"),
+        )
+    })?;
+    Ok((message, fds))
+}
+
+/// The plugin's side: connects to the agent's CNI socket, sends `request` (with `netns`
+/// attached) and waits at most `timeout` in all for the reply.
+pub fn call(
+    path: &Path,
+    request: &CniRequest,
+    netns: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> io::Result<CniReply> {
+    use std::os::fd::AsFd;
+    let socket = socket::socket(
+        socket::AddressFamily::Unix,
+        socket::SockType::SeqPacket,
+        socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        timeout.subsec_micros().into(),
+    );
+    socket::setsockopt(&socket, socket::sockopt::SendTimeout, &tv)?;
+    socket::setsockopt(&socket, socket::sockopt::ReceiveTimeout, &tv)?;
+    socket::connect(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
+    send(socket.as_fd(), request, netns)?;
+    let (reply, _fds) = recv::<CniReply>(socket.as_fd())?;
+    Ok(reply)
+}
