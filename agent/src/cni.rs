@@ -258,11 +258,13 @@ async fn handle(request: &CniRequest, netns: Option<OwnedFd>, pods: &PodRegistry
                 )),
             }
         }
-        // The plugin's STATUS: is an agent here?
-        Command::Unspecified => CniReply {
+        Command::Status => CniReply {
             outcome: Outcome::Unspecified.into(),
             message: "meshlet agent ready".into(),
             netns_cookie: 0,
         },
+        Command::Unspecified => {
+            failed("unknown command: this agent and meshlet-cni are of different versions")
+        }
     }
 }

@@ -209,6 +209,15 @@ pub async fn setup_routing(netns: &Netns) -> Result<(), DeliverError> {
             .ok_or_else(|| routing("no lo interface".into()))?
             .header
             .index;
+        // The agent's listeners are on the pod's loopback, and delivery routes through it.
+        // Runtimes bring `lo` up themselves, but a chain that leaves it down (ptp does) must
+        // not leave the pod unreachable.
+        handle
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(|e| routing(format!("bringing lo up: {e}")))?;
         let rule = handle
             .rule()
             .add()

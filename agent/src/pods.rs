@@ -238,6 +238,12 @@ impl PodRegistry {
             }
         };
         let netns = Netns::from_file(netns, netns_path).map_err(netns_error)?;
+        deliver::setup_routing(&netns)
+            .await
+            .map_err(|source| PodError::Routing {
+                uid: uid.to_string(),
+                source,
+            })?;
         let sockets = netns
             .run(open_listeners)
             .await
@@ -248,12 +254,6 @@ impl PodRegistry {
             .map_err(|(addr, source)| PodError::Listen {
                 uid: uid.to_string(),
                 addr,
-                source,
-            })?;
-        deliver::setup_routing(&netns)
-            .await
-            .map_err(|source| PodError::Routing {
-                uid: uid.to_string(),
                 source,
             })?;
         // Inbound capture before anything else can reach the pod's apps through the agent:

@@ -389,7 +389,7 @@ fn check(
 
 fn status(socket: &Path) -> Result<(), PluginError> {
     let probe = CniRequest {
-        command: Command::Unspecified.into(),
+        command: Command::Status.into(),
         ..Default::default()
     };
     match cni_socket::call(socket, &probe, None, Duration::from_secs(3)) {

@@ -70,6 +70,8 @@ pub struct Lab {
     torn_down: bool,
     /// How the control plane was started, to start it again.
     controlplane_args: Vec<std::ffi::OsString>,
+    /// How each node's agent was started, to start it again.
+    agent_args: Vec<Vec<std::ffi::OsString>>,
     /// The emulated Kubernetes API server, in Kubernetes mode.
     kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
     /// Control-plane replicas beyond the first: (socket, process).
@@ -158,6 +160,7 @@ impl Lab {
             children: Vec::new(),
             torn_down: false,
             controlplane_args: Vec::new(),
+            agent_args: Vec::new(),
             kube: None,
             replicas: Vec::new(),
             controlplane_health: None,
@@ -263,6 +266,7 @@ impl Lab {
                 netns_path: netns_path.display().to_string(),
                 cgroup: cg.display().to_string(),
                 enrolled: spec.enrolled,
+                wired: spec.wired,
                 registered: spec.registered,
             });
         }
@@ -387,33 +391,26 @@ impl Lab {
         for node in &topo.nodes {
             // Each node joins with a token made for it, as an operator would hand it out.
             let auth = self.agent_auth_args(&node.name)?;
-            let log = std::fs::File::create(&node.agent_log)?;
-            let mut agent = Command::new(&agent_bin);
-            agent
-                .args(["agent", "--node", &node.name])
-                .arg("--control-plane")
-                .arg(&control_plane)
-                .arg("--node-socket")
-                .arg(&node.agent_socket)
-                .arg("--pod-cgroup")
-                .arg(&node.cgroup)
-                .arg("--bpf-pin-dir")
-                .arg(&node.bpf_pin_dir)
-                .arg("--cert-lifetime")
-                .arg(options.cert_lifetime.to_string())
-                .args(&auth)
-                .args(&options.agent_args)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            enter_on_exec(&mut agent, &node.netns, None)?;
-            let child = agent
-                .spawn()
-                .with_context(|| format!("starting the agent of {}", node.name))?;
-            self.record_pid(child.id())?;
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "agent".into(),
+                "--node".into(),
+                node.name.clone().into(),
+                "--control-plane".into(),
+                control_plane.clone().into(),
+                "--node-socket".into(),
+                node.agent_socket.clone().into(),
+                "--pod-cgroup".into(),
+                node.cgroup.clone().into(),
+                "--bpf-pin-dir".into(),
+                node.bpf_pin_dir.clone().into(),
+                "--cert-lifetime".into(),
+                options.cert_lifetime.to_string().into(),
+            ];
+            args.extend(auth.into_iter().map(Into::into));
+            args.extend(options.agent_args.iter().map(Into::into));
+            std::fs::File::create(&node.agent_log)?;
+            self.agent_args.push(args);
+            let child = self.spawn_agent(self.agent_args.len() - 1)?;
             self.children.push(child);
         }
         for node in &topo.nodes {
@@ -427,7 +424,7 @@ impl Lab {
                 },
             )?;
         }
-        for pod in topo.pods.iter().filter(|p| p.enrolled) {
+        for pod in topo.pods.iter().filter(|p| p.enrolled && p.wired) {
             self.announce(pod)?;
         }
         self.wait_ready(Duration::from_secs(60))
@@ -568,6 +565,31 @@ impl Lab {
         child.wait_with_output().context("meshlet-cni")
     }
 
+    /// The pods `node`'s agent has enrolled, as its node API lists them.
+    pub fn pods(&self, node: &str) -> anyhow::Result<Vec<meshlet_proto::v1::PodStatus>> {
+        let socket = self
+            .topology
+            .node(node)
+            .context("no such node")?
+            .agent_socket
+            .clone();
+        self.runtime.block_on(async move {
+            let mut client = NodeServiceClient::new(meshlet_proto::channel::connect_lazy(
+                &format!("unix:{socket}"),
+            )?);
+            Ok(client
+                .list_pods(ListPodsRequest {})
+                .await?
+                .into_inner()
+                .pods)
+        })
+    }
+
+    /// The lab's state folder for `file` (cleaned up with the lab).
+    pub fn state_path(&self, file: &str) -> PathBuf {
+        state_path(file)
+    }
+
     /// Sends an AddPod to an agent; the error is the agent's own words.
     pub fn add_pod(&self, agent_socket: &str, request: AddPodRequest) -> anyhow::Result<u64> {
         let socket = agent_socket.to_string();
@@ -591,7 +613,7 @@ impl Lab {
                 .topology
                 .pods
                 .iter()
-                .filter(|p| p.node == node.name && p.enrolled && p.registered)
+                .filter(|p| p.node == node.name && p.enrolled && p.registered && p.wired)
                 .collect();
             loop {
                 let socket = node.agent_socket.clone();
@@ -642,6 +664,57 @@ impl Lab {
         std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
         std::fs::rename(&tmp, &self.topology.workloads_file)?;
         Ok(())
+    }
+
+    /// Starts the agent of node `index` with the lab's arguments, its output appended to its
+    /// log.
+    fn spawn_agent(&mut self, index: usize) -> anyhow::Result<Child> {
+        let node = self
+            .topology
+            .nodes
+            .get(index)
+            .context("no such node")?
+            .clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.agent_log)?;
+        let mut agent = Command::new(self.bin_dir.join("meshlet"));
+        agent
+            .args(&self.agent_args[index])
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        enter_on_exec(&mut agent, &node.netns, None)?;
+        let child = agent
+            .spawn()
+            .with_context(|| format!("starting the agent of {}", node.name))?;
+        self.record_pid(child.id())?;
+        Ok(child)
+    }
+
+    /// Starts again the agent of `node` (after [`Self::kill_agent`]) with the same arguments,
+    /// and waits for its node socket. It announces nothing: adopting the pods is its job.
+    pub fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let index = self
+            .topology
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .context("no such node")?;
+        let socket = self.topology.nodes[index].agent_socket.clone();
+        let _ = std::fs::remove_file(&socket);
+        let child = self.spawn_agent(index)?;
+        self.children[index + 1] = child;
+        wait_for_path(Path::new(&socket), Duration::from_secs(30)).with_context(|| {
+            format!(
+                "agent of {node} did not come back; its log ends:\n{}",
+                log_tail(&self.topology.nodes[index].agent_log, 30)
+            )
+        })
     }
 
     /// Kills the agent of `node` with SIGKILL (a crash), and waits for it to be gone.
@@ -1027,7 +1100,7 @@ async fn wire(topo: &Topology) -> anyhow::Result<()> {
             net::route_via(&hb, cidr6(a)?, 64, a6).await?;
         }
     }
-    for pod in &topo.pods {
+    for pod in topo.pods.iter().filter(|p| p.wired) {
         let node = topo.node(&pod.node).context("pod node")?;
         let hn = net::handle_in(&node.netns).await?;
         let gateway = Ipv4Addr::new(

@@ -9,6 +9,7 @@
 //! Everything the lab makes is named from [`NAME_PREFIX`] and the fixed paths below, so
 //! [`cleanup`] can remove it all, also after a crash.
 pub mod cgroup;
+pub mod cni;
 pub mod kube_api;
 pub mod lab;
 pub mod net;

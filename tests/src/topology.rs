@@ -15,6 +15,10 @@ pub struct PodSpec {
     /// Listed in the control plane's registry (a pod can be enrolled yet unknown, or known
     /// yet not enrolled).
     pub registered: bool,
+    /// Wired by the lab (veth, address, routes) before it starts. Not wired: the lab only
+    /// makes its network namespace, and a test sets it up with real CNI plugins, as a
+    /// runtime would (such a pod is not announced by the lab either).
+    pub wired: bool,
 }
 
 impl PodSpec {
@@ -26,7 +30,14 @@ impl PodSpec {
             service_account: service_account.into(),
             enrolled: true,
             registered: true,
+            wired: true,
         }
+    }
+
+    /// A pod whose network a test makes through a CNI chain (see `wired`).
+    pub fn made_by_cni(mut self) -> Self {
+        self.wired = false;
+        self
     }
 
     /// A pod outside the mesh: neither enrolled nor in the registry.
@@ -73,6 +84,9 @@ pub struct PodInfo {
     pub netns_path: String,
     pub cgroup: String,
     pub enrolled: bool,
+    /// Wired and announced by the lab (see `PodSpec::wired`).
+    #[serde(default = "yes")]
+    pub wired: bool,
     pub registered: bool,
 }
 
@@ -127,4 +141,8 @@ impl Topology {
             .collect();
         serde_json::json!({ "workloads": workloads })
     }
+}
+
+fn yes() -> bool {
+    true
 }
