@@ -133,6 +133,10 @@ pub struct AgentConfig {
     /// The admin API (JSON views for the `meshlet` CLI); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
+    /// `/metrics` and `/healthz/ready` only, e.g. on the node's address for Prometheus and
+    /// the kubelet's readiness probe (`0.0.0.0:15020` in the DaemonSet). Off when unset.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -282,6 +286,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             tracing::error!("admin API stopped: {e}");
         }
     });
+    if let Some(addr) = config.metrics_addr {
+        tokio::spawn(crate::admin::serve_metrics(addr, agent.clone(), pods.clone()).await?);
+    }
 
     let socket = &config.node_socket;
     if let Some(dir) = socket.parent() {

