@@ -13,6 +13,7 @@ pub mod connections;
 pub mod control_plane;
 pub mod deliver;
 pub mod discovery;
+pub mod doctor;
 pub mod enrolled;
 pub mod identity;
 pub mod inbound;

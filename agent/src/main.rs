@@ -72,6 +72,16 @@ enum Command {
         #[command(flatten)]
         view: ViewArgs,
     },
+    /// Preflight of this node: kernel, BPF program types and helpers (probed), bpffs,
+    /// cgroup v2 and the pods' cgroups, the CNI chain, the agent's sockets, readiness and
+    /// certificates. Each failed check says the fix; exits 1 when one failed.
+    Doctor {
+        #[command(flatten)]
+        args: meshlet_agent::doctor::DoctorArgs,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Explain how a connection would be decided, step by step, without sending it.
     Check {
         /// The source: a pod (namespace/name or uid), a SPIFFE ID, or an IP address.
@@ -236,6 +246,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             view.print(&value, cli::print_check)
+        }
+        Command::Doctor { args, output } => {
+            let checks = meshlet_agent::doctor::run(&args).await;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&checks)?),
+                Output::Yaml => print!("{}", serde_norway::to_string(&checks)?),
+                Output::Table => meshlet_agent::doctor::print(&checks),
+            }
+            if checks
+                .iter()
+                .any(|c| c.outcome == meshlet_agent::doctor::Outcome::Fail)
+            {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Pods { node_socket, json } => {
             let channel = channel::connect_lazy(&format!("unix:{node_socket}"))?;

@@ -44,6 +44,9 @@ pub struct LabOptions {
     /// Control-plane replicas (Kubernetes mode): each on a socket of its own, the agents
     /// given all of them.
     pub controlplane_replicas: usize,
+    /// A command (and its arguments) the agents run under, e.g. `setpriv` limiting their
+    /// capabilities to the DaemonSet's.
+    pub agent_wrapper: Vec<String>,
 }
 
 impl LabOptions {
@@ -57,6 +60,7 @@ impl LabOptions {
             dual_stack: false,
             kubernetes: false,
             controlplane_replicas: 1,
+            agent_wrapper: Vec::new(),
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct Lab {
     controlplane_args: Vec<std::ffi::OsString>,
     /// How each node's agent was started, to start it again.
     agent_args: Vec<Vec<std::ffi::OsString>>,
+    /// A command the agent runs under (e.g. `setpriv` with a capability set).
+    agent_wrapper: Vec<String>,
     /// The emulated Kubernetes API server, in Kubernetes mode.
     kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
     /// Control-plane replicas beyond the first: (socket, process).
@@ -162,6 +168,7 @@ impl Lab {
             torn_down: false,
             controlplane_args: Vec::new(),
             agent_args: Vec::new(),
+            agent_wrapper: options.agent_wrapper.clone(),
             kube: None,
             replicas: Vec::new(),
             controlplane_health: None,
@@ -680,7 +687,15 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&node.agent_log)?;
-        let mut agent = Command::new(self.bin_dir.join("meshlet"));
+        let binary = self.bin_dir.join("meshlet");
+        let mut agent = match self.agent_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&binary);
+                cmd
+            }
+            None => Command::new(&binary),
+        };
         agent
             .args(&self.agent_args[index])
             .env(
