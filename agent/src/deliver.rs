@@ -179,16 +179,7 @@ pub async fn setup_routing(netns: &Netns) -> Result<(), DeliverError> {
     let runtime = tokio::runtime::Handle::current();
     let (connection, handle) = netns
         .run(move || -> io::Result<_> {
-            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-            // Replies the kernel makes without a socket (a RST for a closed port, an ICMP
-            // error) take the mark of the packet they answer: a delivery to a closed port is
-            // then refused at once through the rule below, instead of the RST leaving by eth0
-            // towards the client's (foreign) address and the delivery timing out.
-            std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
-            if let Err(e) = std::fs::write("/proc/sys/net/ipv6/fwmark_reflect", "1") {
-                // No IPv6 in this pod.
-                tracing::debug!("net.ipv6.fwmark_reflect: {e}");
-            }
+            meshlet_proto::cni_socket::ensure_pod_sysctls()?;
             // The netlink socket must be made in the pod's netns; it needs the runtime's reactor.
             let _guard = runtime.enter();
             let (connection, handle, _) = rtnetlink::new_connection()?;

@@ -293,6 +293,13 @@ fn add(
             e.to_string(),
         )
     })?;
+    set_pod_sysctls(&netns).map_err(|e| {
+        PluginError::new(
+            code::IO_FAILURE,
+            format!("cannot set the pod's sysctls in {}", env.netns),
+            e.to_string(),
+        )
+    })?;
     let reply = cni_socket::call(
         socket,
         &request(env, &pod, Command::Add),
@@ -310,6 +317,18 @@ fn add(
         }
         _ => Err(agent_refused(&reply)),
     }
+}
+
+/// Sets the sysctls delivery needs inside the pod's namespace, from a thread that enters it
+/// (the plugin's own thread stays in the host's).
+fn set_pod_sysctls(netns: &std::fs::File) -> std::io::Result<()> {
+    let netns = netns.try_clone()?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        cni_socket::ensure_pod_sysctls()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the sysctl thread panicked"))?
 }
 
 fn agent_unreachable(socket: &Path, e: std::io::Error) -> PluginError {

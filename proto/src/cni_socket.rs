@@ -18,6 +18,46 @@ pub const MAX_MESSAGE: usize = 16 * 1024;
 /// Most descriptors one message may carry (a request carries at most one).
 const MAX_FDS: usize = 4;
 
+/// Sysctls of a pod's network namespace that delivery needs: (path, value, required).
+///
+/// - `tcp_fwmark_accept`: accepted sockets carry the mark of the SYN, so that an app's replies
+///   to a delivered connection (from the client's own address) route back to the agent.
+/// - `fwmark_reflect`: replies the kernel makes without a socket (a RST for a closed port, an
+///   ICMP error) take the mark of the packet they answer, so that a delivery to a closed port
+///   is refused at once instead of timing out (IPv6 only when the pod has IPv6).
+///
+/// meshlet-cni sets them at ADD, as root on the host: the agent's container sees `/proc/sys`
+/// read-only, as every unprivileged container does. The agent checks them and sets them
+/// itself only where it can (the node API's AddPod outside a container).
+pub const POD_SYSCTLS: &[(&str, &str, bool)] = &[
+    ("/proc/sys/net/ipv4/tcp_fwmark_accept", "1", true),
+    ("/proc/sys/net/ipv4/fwmark_reflect", "1", true),
+    ("/proc/sys/net/ipv6/fwmark_reflect", "1", false),
+];
+
+/// Makes [`POD_SYSCTLS`] hold in the calling thread's network namespace: each is read, and
+/// written only when it differs. A required one that is wrong and cannot be written is an
+/// error naming it.
+pub fn ensure_pod_sysctls() -> io::Result<()> {
+    for (path, value, required) in POD_SYSCTLS {
+        let current = std::fs::read_to_string(path);
+        if current.as_deref().ok().map(str::trim) == Some(*value) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(path, value) {
+            if *required {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{path} is not {value} and cannot be set ({e}); meshlet-cni sets it at ADD"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sends `message`, with `fd` attached when given.
 pub fn send(
     socket: BorrowedFd<'_>,

@@ -47,6 +47,10 @@ pub struct LabOptions {
     /// A command (and its arguments) the agents run under, e.g. `setpriv` limiting their
     /// capabilities to the DaemonSet's.
     pub agent_wrapper: Vec<String>,
+    /// Runs the agents as this command followed by their arguments instead of the built
+    /// binary (e.g. `podman run … IMAGE`, the image's entrypoint being `meshlet`);
+    /// `{node_netns}` in it is the node's network namespace path.
+    pub agent_command: Option<Vec<String>>,
 }
 
 impl LabOptions {
@@ -61,6 +65,7 @@ impl LabOptions {
             kubernetes: false,
             controlplane_replicas: 1,
             agent_wrapper: Vec::new(),
+            agent_command: None,
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct Lab {
     agent_args: Vec<Vec<std::ffi::OsString>>,
     /// A command the agent runs under (e.g. `setpriv` with a capability set).
     agent_wrapper: Vec<String>,
+    /// Instead of the built binary: this command, then the agent's arguments.
+    agent_command: Option<Vec<String>>,
     /// The emulated Kubernetes API server, in Kubernetes mode.
     kube: Option<std::sync::Arc<crate::kube_api::KubeApi>>,
     /// Control-plane replicas beyond the first: (socket, process).
@@ -102,6 +109,10 @@ pub fn cleanup() {
         }
     }
     crate::podman::cleanup(&state_path("podman"), "meshlet-lab");
+    // The agent image's containers (tests/tests/podman.rs).
+    crate::podman::cleanup(Path::new("/run/meshlet-lab-podman"), "meshlet-lab-podman");
+    cgroup::remove_tree(Path::new("/sys/fs/cgroup/unified/meshlet-lab-podman"));
+    let _ = std::fs::remove_dir_all("/run/meshlet-lab-podman");
     cgroup::remove_tree(Path::new(CGROUP_ROOT));
     for name in netns::list_lab() {
         netns::delete(&name);
@@ -169,6 +180,7 @@ impl Lab {
             controlplane_args: Vec::new(),
             agent_args: Vec::new(),
             agent_wrapper: options.agent_wrapper.clone(),
+            agent_command: options.agent_command.clone(),
             kube: None,
             replicas: Vec::new(),
             controlplane_health: None,
@@ -688,13 +700,20 @@ impl Lab {
             .append(true)
             .open(&node.agent_log)?;
         let binary = self.bin_dir.join("meshlet");
-        let mut agent = match self.agent_wrapper.split_first() {
-            Some((program, args)) => {
+        let mut agent = match (&self.agent_command, self.agent_wrapper.split_first()) {
+            (Some(command), _) => {
+                let (program, args) = command.split_first().context("empty agent command")?;
+                let netns = netns::path(&node.netns).display().to_string();
+                let mut cmd = Command::new(program);
+                cmd.args(args.iter().map(|a| a.replace("{node_netns}", &netns)));
+                cmd
+            }
+            (None, Some((program, args))) => {
                 let mut cmd = Command::new(program);
                 cmd.args(args).arg(&binary);
                 cmd
             }
-            None => Command::new(&binary),
+            (None, None) => Command::new(&binary),
         };
         agent
             .args(&self.agent_args[index])

@@ -138,10 +138,16 @@ impl Podman {
 /// After a crash: removes whatever containers and images a lab's podman under `dir` left,
 /// and the v1 cgroups under `/sys/fs/cgroup/<controller>/<top>`.
 pub fn cleanup(dir: &Path, top: &str) {
-    if dir.join("containers.conf").exists() {
+    if dir.join("root").exists() {
         for what in [["rm", "-a", "-f"], ["rmi", "-a", "-f"]] {
-            let _ = Command::new("podman")
-                .env("CONTAINERS_CONF", dir.join("containers.conf"))
+            let mut cmd = Command::new("podman");
+            let conf = dir.join("containers.conf");
+            if conf.exists() {
+                cmd.env("CONTAINERS_CONF", conf);
+            }
+            let _ = cmd
+                .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+                .args(["--events-backend", "file"])
                 .arg("--root")
                 .arg(dir.join("root"))
                 .arg("--runroot")

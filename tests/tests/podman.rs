@@ -110,3 +110,113 @@ fn podman_starts_a_mesh_container_only_once_the_agent_has_captured_it() {
     );
     drop(podman);
 }
+
+#[test]
+fn the_agent_image_runs_under_podman_with_the_daemonsets_privileges() {
+    // Built by `cargo xtask test` (or `cargo xtask image`) before the lab tests.
+    let archive = std::env::var("MESHLET_IMAGE_ARCHIVE")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .expect("MESHLET_IMAGE_ARCHIVE: the image's OCI archive (cargo xtask image makes it)");
+    let image = format!("oci-archive:{archive}");
+    // The DaemonSet's privileges, as podman flags: host network (the lab node's netns) and
+    // PID, root, read-only root filesystem, all capabilities dropped but the three it adds,
+    // the runtime's default seccomp profile; host paths: bpffs, cgroup2 (read-only) and the
+    // node's socket folder (the lab keeps the node's files in its state folder).
+    let storage = Path::new("/run/meshlet-lab-podman");
+    let _ = std::fs::remove_dir_all(storage);
+    // podman's default sysctls (ping_group_range) cannot be set in a shared network namespace.
+    let conf = std::env::temp_dir().join(format!("meshlet-image-test-{}.conf", std::process::id()));
+    std::fs::write(&conf, "[containers]\ndefault_sysctls = []\n").expect("containers.conf");
+    let command = vec![
+        "env".to_string(),
+        format!("CONTAINERS_CONF={}", conf.display()),
+        "podman".to_string(),
+        "--root".into(),
+        storage.join("root").display().to_string(),
+        "--runroot".into(),
+        storage.join("run").display().to_string(),
+        "--storage-driver".into(),
+        "vfs".into(),
+        "--runtime".into(),
+        "runc".into(),
+        "--cgroup-manager".into(),
+        "cgroupfs".into(),
+        "--events-backend".into(),
+        "file".into(),
+        "run".into(),
+        "--rm".into(),
+        "--cgroup-parent".into(),
+        "/meshlet-lab-podman".into(),
+        "--network".into(),
+        "ns:{node_netns}".into(),
+        "--pid".into(),
+        "host".into(),
+        "--user".into(),
+        "0:0".into(),
+        "--read-only".into(),
+        "--cap-drop".into(),
+        "all".into(),
+        "--cap-add".into(),
+        "sys_admin,net_admin,sys_ptrace".into(),
+        "--ulimit".into(),
+        "nofile=4096:4096".into(),
+        "--ulimit".into(),
+        "nproc=4096:4096".into(),
+        "-v".into(),
+        "/sys/fs/bpf:/sys/fs/bpf".into(),
+        "-v".into(),
+        "/sys/fs/cgroup:/sys/fs/cgroup:ro".into(),
+        "-v".into(),
+        "/run/meshlet-lab:/run/meshlet-lab".into(),
+        image,
+    ];
+    let mut options = meshlet_lab::LabOptions::new(bin_dir());
+    options.agent_command = Some(command);
+    let lab = meshlet_lab::Lab::up(
+        &[
+            PodSpec::new("web", "node-1", "frontend"),
+            PodSpec::new("api", "node-2", "backend"),
+        ],
+        &options,
+    );
+    let cleanup = || {
+        let _ = std::fs::remove_file(&conf);
+        meshlet_lab::podman::cleanup(storage, "meshlet-lab-podman");
+        meshlet_lab::cgroup::remove_tree(Path::new("/sys/fs/cgroup/unified/meshlet-lab-podman"));
+        let _ = std::fs::remove_dir_all(storage);
+    };
+    let lab = match lab {
+        Ok(lab) => lab,
+        Err(e) => {
+            cleanup();
+            panic!("lab with the agents in the image: {e:#}");
+        }
+    };
+    let api = lab.topology.pod("api").expect("api").clone();
+    let _server = Server::start(&lab, "api", 8080);
+    let marker = "MESHLET-IMAGE-PLAINTEXT-MARKER";
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let capture = Capture::start(&node1.netns, &lab.topology.node_link[0]);
+    let (ok, report, err) = common::send(
+        &lab,
+        "web",
+        &format!("{}:8080", api.ip),
+        4096,
+        None,
+        Some(marker),
+    );
+    let frames = capture.finish();
+    let agent_log = lab.agent_log("node-1");
+    drop(lab);
+    cleanup();
+    assert!(
+        ok,
+        "web → api with the agents in the image: {err} {report}\n{agent_log}"
+    );
+    assert!(
+        !frames.iter().any(|f| contains(f, marker.as_bytes())),
+        "plaintext on the node link"
+    );
+    assert!(agent_log.contains("pod enrolled"), "{agent_log}");
+}

@@ -176,19 +176,25 @@ pub fn check_deploy() -> anyhow::Result<()> {
 /// Builds the container image `meshlet:<version>` with buildah from static (musl) release
 /// binaries, and returns its name.
 pub fn build_image() -> anyhow::Result<String> {
-    run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "--target",
-        MUSL_TARGET,
-        "-p",
-        "meshlet-agent",
-        "-p",
-        "meshlet-cni",
-        "-p",
-        "meshlet-controlplane",
-        "--bins",
-    ]))?;
+    // Stripped: the image carries no debug info (the workspace's release profile keeps it
+    // for profiling on the host).
+    run(Command::new("cargo")
+        .current_dir(root())
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            MUSL_TARGET,
+            "-p",
+            "meshlet-agent",
+            "-p",
+            "meshlet-cni",
+            "-p",
+            "meshlet-controlplane",
+            "--bins",
+        ]))?;
     let bin = root().join("target").join(MUSL_TARGET).join("release");
     let context = root().join("target/image-context");
     let _ = std::fs::remove_dir_all(&context);
@@ -201,13 +207,37 @@ pub fn build_image() -> anyhow::Result<String> {
         std::fs::copy(&path, context.join(name))?;
     }
     let image = format!("localhost/meshlet:{}", env!("CARGO_PKG_VERSION"));
-    run(Command::new("buildah")
+    // buildah keeps its own storage under target/, and the image leaves as an OCI archive
+    // (`podman load -i`, or `podman run oci-archive:…`): nothing lands in the machine's
+    // container storage.
+    let storage = root().join("target/buildah");
+    let buildah = || {
+        let mut cmd = Command::new("buildah");
+        cmd.arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        cmd
+    };
+    run(buildah()
         .args(["bud", "--quiet", "--layers=false", "-f"])
         .arg(root().join("deploy/Containerfile"))
         .args(["-t", &image])
         .arg(&context))?;
-    eprintln!("xtask: built image {image}");
+    let archive = image_archive();
+    let _ = std::fs::remove_file(&archive);
+    run(buildah()
+        .args(["push", "--quiet", &image])
+        .arg(format!("oci-archive:{}:{image}", archive.display())))?;
+    run(buildah().args(["rmi", "--all", "--force"]))?;
+    eprintln!("xtask: built image {image} as {}", archive.display());
     Ok(image)
+}
+
+/// Where `build_image` leaves the image.
+pub fn image_archive() -> PathBuf {
+    root().join("target/meshlet-image.tar")
 }
 
 /// Whether an ELF binary asks for no program interpreter (no dynamic loader, no libc).

@@ -297,6 +297,11 @@ fn test() -> anyhow::Result<()> {
         ]),
         &mut totals,
     );
+    // The image (static binaries, buildah), for the test that runs the agents from it.
+    let archive = install::build_image().map(|_| install::image_archive());
+    if let Err(e) = &archive {
+        eprintln!("xtask: the image did not build: {e:#}");
+    }
     // The lab tests share machine-wide names: one at a time.
     let lab_tests = cargo_test(
         Command::new("cargo")
@@ -309,7 +314,11 @@ fn test() -> anyhow::Result<()> {
                 "--",
                 "--test-threads=1",
             ])
-            .env("MESHLET_BIN_DIR", &bin_dir),
+            .env("MESHLET_BIN_DIR", &bin_dir)
+            .env(
+                "MESHLET_IMAGE_ARCHIVE",
+                archive.as_ref().map(|p| p.as_os_str()).unwrap_or_default(),
+            ),
         &mut totals,
     );
     // The bench, briefly: every tool on both paths must run (no figure is asserted).
@@ -336,6 +345,7 @@ fn test() -> anyhow::Result<()> {
     unit?;
     fips?;
     lab_tests?;
+    archive?;
     bench_smoke?;
     fuzz_smoke?;
     if !leftovers.is_empty() {
