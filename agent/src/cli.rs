@@ -413,8 +413,21 @@ pub fn print_status(v: &serde_json::Value) {
     for reason in v["ready"]["reasons"].as_array().into_iter().flatten() {
         println!("                - {}", str_of(reason));
     }
+    let link = &v["control_plane"];
+    let since = link["since"]
+        .as_u64()
+        .map(|s| humantime_utc(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)))
+        .unwrap_or_else(|| "?".into());
+    let state = match link["connected"].as_bool() {
+        Some(true) => format!("connected since {since}"),
+        Some(false) => format!(
+            "disconnected since {since} ({}); serving the last good state",
+            str_of(&link["reason"])
+        ),
+        None => "unknown".into(),
+    };
     println!(
-        "control plane:  version {}",
+        "control plane:  {state}, version {}",
         str_of(&v["control_plane_version"])
     );
     println!(

@@ -285,21 +285,12 @@ fn accept_chain(
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), ControlPlaneError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| ControlPlaneError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::files::write_private(path, contents.as_bytes()).map_err(|source| {
+        ControlPlaneError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// The control-plane link once set up: the node's credentials and the channel for every

@@ -38,6 +38,13 @@ pub async fn follow(
         )
         .await;
         metrics.control_plane_connected.set(0);
+        workloads.set_link(
+            false,
+            Some(match &result {
+                Ok(()) => "the discovery stream ended".to_string(),
+                Err(e) => format!("{}: {}", e.code(), e.message()),
+            }),
+        );
         // A stream that got going was a success: the next failure starts from the shortest
         // delay again, not from where a long outage left the backoff.
         if connected {
@@ -71,6 +78,7 @@ async fn follow_once(
         DiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     metrics.control_plane_connected.set(1);
+    workloads.set_link(true, None);
     *connected = true;
     let mut position = StreamPosition::First;
     while let Some(update) = responses.next().await {

@@ -94,8 +94,6 @@ impl EnrolledFile {
     /// Replaces the file's records (write to a temporary file, then rename: a crash leaves
     /// the old records or the new ones, never half of either).
     pub fn save(&self, records: &[Record]) -> Result<(), EnrolledError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let error = |source| EnrolledError::Write {
             path: self.path.clone(),
             source,
@@ -103,20 +101,10 @@ impl EnrolledFile {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(error)?;
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(error)?;
         let text = serde_json::to_vec_pretty(records)
             .map_err(io::Error::other)
             .map_err(error)?;
-        file.write_all(&text).map_err(error)?;
-        file.sync_all().map_err(error)?;
-        std::fs::rename(&tmp, &self.path).map_err(error)
+        crate::files::write_private(&self.path, &text).map_err(error)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod deliver;
 pub mod discovery;
 pub mod doctor;
 pub mod enrolled;
+pub mod files;
 pub mod identity;
 pub mod inbound;
 pub mod limits;

@@ -83,7 +83,8 @@ impl Health {
     }
 }
 
-/// Serves `/healthz` and `/ready` on `addr` until the process ends.
+/// Serves `/healthz` and `/ready` on `addr` until the process ends (connections capped and
+/// timed out: the port is reachable from the pod network).
 pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "health endpoint listening");
@@ -91,9 +92,11 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()>
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .with_state(health);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    tokio::spawn(meshlet_plainhttp::serve(
+        listener,
+        router,
+        meshlet_plainhttp::Limits::default(),
+    ));
     Ok(())
 }
 

@@ -352,3 +352,72 @@ fn lab_down_and_crash_cleanup_leave_nothing_behind() {
         lab::leftovers()
     );
 }
+
+#[test]
+fn with_the_control_plane_gone_known_workloads_keep_talking_and_status_says_since_when() {
+    let mut lab = up(&mesh_pods());
+    let api = lab.topology.pod("api").expect("api").clone();
+    let _server = Server::start(&lab, "api", 8080);
+    let to = format!("{}:8080", api.ip);
+    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+    assert!(ok, "before: {err} {report}");
+    let (_, status, _) = common::meshlet_cli(&lab, "node-1", &["status"]);
+    assert!(
+        status.contains("control plane:  connected since"),
+        "{status}"
+    );
+
+    lab.kill_controlplane().expect("stop the control plane");
+    // How long it stays away: MESHLET_CONTROL_PLANE_OUTAGE_SECS (600 for the 10-minute run by
+    // hand), 20 s in `cargo xtask test`.
+    let outage = Duration::from_secs(
+        std::env::var("MESHLET_CONTROL_PLANE_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    let started = Instant::now();
+    let (mut made, mut failed) = (0u32, Vec::new());
+    while started.elapsed() < outage {
+        let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+        made += 1;
+        if !ok {
+            failed.push(format!("{:?}: {err} {report}", started.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, status, _) = common::meshlet_cli(&lab, "node-1", &["status"]);
+    println!(
+        "{made} connections over {outage:?} without a control plane, {} failed; status:\n{status}",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connections failed without the control plane: {failed:?}"
+    );
+    assert!(
+        status.contains("control plane:  disconnected since")
+            && status.contains("serving the last good state"),
+        "{status}"
+    );
+    assert_eq!(
+        common::sample(
+            &common::metrics(&lab, "node-1"),
+            "meshlet_control_plane_connected",
+            &[]
+        ),
+        0.0
+    );
+
+    // Back: the agents resync by themselves.
+    lab.restart_controlplane().expect("restart");
+    let back = common::eventually(Duration::from_secs(20), || {
+        let (_, status, _) = common::meshlet_cli(&lab, "node-1", &["status"]);
+        status
+            .contains("control plane:  connected since")
+            .then_some(status)
+    });
+    assert!(back.is_some(), "the agent did not reconnect");
+    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+    assert!(ok, "after: {err} {report}");
+}

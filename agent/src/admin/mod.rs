@@ -61,16 +61,10 @@ pub async fn serve(
     Ok(async move { axum::serve(listener, router).await })
 }
 
-/// Connections the metrics listener serves at once; more wait in the backlog.
-const METRICS_MAX_CONNECTIONS: usize = 16;
-/// How long a scraper has to send its request headers, and to finish with one connection.
-const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Binds the metrics listener: `/metrics` and `/healthz/ready` only, for Prometheus and the
 /// kubelet's readiness probe on the node's address (a hostNetwork pod's probe and scrape go
 /// to the node's IP, which the admin API must never be on). Nothing here reads keys or the
-/// mesh's configuration; connections are capped and timed out.
+/// mesh's configuration; connections are capped and timed out ([`meshlet_plainhttp`]).
 pub async fn serve_metrics(
     addr: SocketAddr,
     agent: Arc<NodeAgent>,
@@ -84,31 +78,11 @@ pub async fn serve_metrics(
         .route("/metrics", get(metrics))
         .with_state(AdminState { agent, pods });
     tracing::info!(%addr, "metrics and readiness listening");
-    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
-    Ok(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("metrics listener: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
-            });
-        }
-    })
+    Ok(meshlet_plainhttp::serve(
+        listener,
+        router,
+        meshlet_plainhttp::Limits::default(),
+    ))
 }
 
 /// An error answer: the status and a message that says what to do.

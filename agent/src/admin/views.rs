@@ -560,6 +560,9 @@ pub struct StatusView {
     pub version: &'static str,
     pub ready: Readiness,
     pub control_plane_version: u64,
+    /// The discovery stream: connected or not, since when (traffic between known workloads
+    /// goes on on the last good state while it is down).
+    pub control_plane: crate::state::Link,
     pub pods: usize,
     pub identities: usize,
     pub connections: usize,
@@ -572,6 +575,7 @@ pub fn status(agent: &NodeAgent, pods: &[PodSummary]) -> StatusView {
         version: env!("CARGO_PKG_VERSION"),
         ready: readiness(&ReadinessInputs::of(agent, pods)),
         control_plane_version: agent.state.version(),
+        control_plane: agent.state.link(),
         pods: pods.len(),
         identities: agent.identities.list().len(),
         connections: agent.connections.list().len(),

@@ -23,7 +23,7 @@ pub use egress::{ExternalService, OutboundTrafficPolicy};
 pub use route::{Route, RouteInputs, RouteOutcome, Upstream, UpstreamKind};
 pub use scope::{Membership, Scope};
 pub use service::{Endpoint, Health, Protocol, Service, ServicePort, TargetPort};
-pub use store::{Store, StreamPosition, MAX_UPDATE_BYTES};
+pub use store::{Link, Store, StreamPosition, MAX_UPDATE_BYTES};
 pub use workload::{Labels, WorkloadInfo};
 
 use policy::{authz::Cidr, PolicySet};

@@ -29,6 +29,26 @@ pub struct Store {
     /// Why the last update from the control plane was not applied (NACK, too large), until
     /// one is: readiness and `meshlet status` show it.
     problem: RwLock<Option<String>>,
+    /// The discovery stream: up or down, since when, and why it went down.
+    link: RwLock<Link>,
+}
+
+/// The discovery stream's state, for `meshlet status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Link {
+    pub connected: bool,
+    /// Seconds since the Unix epoch of the last change (the agent's start before any).
+    pub since: u64,
+    /// Why it is down (the last error), when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Default for Store {
@@ -37,6 +57,11 @@ impl Default for Store {
             state: RwLock::new(Arc::new(MeshState::default())),
             changed: watch::channel(0).0,
             problem: RwLock::new(None),
+            link: RwLock::new(Link {
+                connected: false,
+                since: unix_now(),
+                reason: Some("not connected yet".into()),
+            }),
         }
     }
 }
@@ -101,6 +126,21 @@ impl Store {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The discovery stream's state.
+    pub fn link(&self) -> Link {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records the stream going up, or down with `reason`; `since` moves only on a change.
+    pub(crate) fn set_link(&self, connected: bool, reason: Option<String>) {
+        let mut link = self.link.write().unwrap_or_else(|e| e.into_inner());
+        if link.connected != connected {
+            link.since = unix_now();
+        }
+        link.connected = connected;
+        link.reason = if connected { None } else { reason };
     }
 
     pub(crate) fn set_problem(&self, problem: Option<String>) {
