@@ -13,7 +13,7 @@ use meshlet_lab::{
 use serde_json::Value;
 
 mod common;
-use common::{bin_dir, contains, send, up, Capture, Server};
+use common::{bin_dir, send, up, Capture, Server};
 
 fn enrolled(lab: &meshlet_lab::Lab, node: &str, uid: &str) -> bool {
     lab.pods(node)
@@ -94,16 +94,7 @@ fn a_pod_made_by_the_real_cni_chain_is_captured_before_it_runs_and_talks_mtls() 
     });
     let frames = capture.finish();
     assert!(ok.is_some(), "boxed → api through the mesh failed");
-    assert!(
-        !frames.iter().any(|f| contains(f, marker.as_bytes())),
-        "plaintext on the node link"
-    );
-    assert!(
-        frames
-            .iter()
-            .any(|f| f.windows(2).any(|w| w == [0x17, 0x03])),
-        "TLS application data on the node link"
-    );
+    common::assert_only_tls(&frames, marker);
 
     // Idempotent: ADD again (same netns) succeeds; DEL twice succeeds; DEL after the netns is
     // gone succeeds.

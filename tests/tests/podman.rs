@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 use meshlet_lab::{cni::ptp_then_meshlet, podman::Podman, PodSpec};
 
 mod common;
-use common::{bin_dir, contains, up, Capture, Server};
+use common::{bin_dir, up, Capture, Server};
 
 #[test]
 fn podman_starts_a_mesh_container_only_once_the_agent_has_captured_it() {
@@ -92,16 +92,7 @@ fn podman_starts_a_mesh_container_only_once_the_agent_has_captured_it() {
         result.is_some(),
         "the container's echo through the mesh failed"
     );
-    assert!(
-        !frames.iter().any(|f| contains(f, marker.as_bytes())),
-        "plaintext on the node link"
-    );
-    assert!(
-        frames
-            .iter()
-            .any(|f| f.windows(2).any(|w| w == [0x17, 0x03])),
-        "TLS application data on the node link"
-    );
+    common::assert_only_tls(&frames, marker);
     let log = lab.agent_log("node-1");
     assert!(
         log.contains(&format!("pod {}/{} enrolled", boxed.namespace, boxed.uid))
@@ -214,9 +205,6 @@ fn the_agent_image_runs_under_podman_with_the_daemonsets_privileges() {
         ok,
         "web → api with the agents in the image: {err} {report}\n{agent_log}"
     );
-    assert!(
-        !frames.iter().any(|f| contains(f, marker.as_bytes())),
-        "plaintext on the node link"
-    );
+    common::assert_only_tls(&frames, marker);
     assert!(agent_log.contains("pod enrolled"), "{agent_log}");
 }

@@ -378,6 +378,20 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// What a capture of mesh traffic must show: TLS application data records, and never the
+/// app's `marker` in the clear.
+pub fn assert_only_tls(frames: &[Vec<u8>], marker: &str) {
+    assert!(
+        !frames.iter().any(|f| contains(f, marker.as_bytes())),
+        "plaintext ({marker}) on the wire"
+    );
+    assert!(
+        frames.iter().any(|f| contains(f, &[0x17, 0x03, 0x03])),
+        "no TLS application data on the wire ({} frames)",
+        frames.len()
+    );
+}
+
 /// A folder for the test's crafted files, removed at the end.
 pub struct Scratch(PathBuf);
 
