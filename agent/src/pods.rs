@@ -201,6 +201,19 @@ impl PodRegistry {
         netns: std::fs::File,
         netns_path: &Path,
     ) -> Result<u64, PodError> {
+        let cookie = self.enroll(uid, netns, netns_path).await?;
+        self.save();
+        Ok(cookie)
+    }
+
+    /// [`Self::add_netns`] without recording the pods (adoption records them once, at the
+    /// end).
+    async fn enroll(
+        &self,
+        uid: &str,
+        netns: std::fs::File,
+        netns_path: &Path,
+    ) -> Result<u64, PodError> {
         if uid.is_empty() {
             return Err(PodError::EmptyUid);
         }
@@ -328,7 +341,6 @@ impl PodRegistry {
                 exempted: Vec::new(),
             },
         );
-        self.save();
         self.reconcile();
         Ok(sockets.cookie)
     }
@@ -395,7 +407,7 @@ impl PodRegistry {
                 gone += 1;
                 continue;
             };
-            match self.add_netns(&record.uid, netns, &path).await {
+            match self.enroll(&record.uid, netns, &path).await {
                 Ok(cookie) => {
                     keep.insert(cookie);
                     adopted += 1;

@@ -119,6 +119,9 @@ pub struct RedirectStats {
     pub inbound_unknown_address: u64,
 }
 
+/// A pod's pinned inbound-capture link is `<pin dir>/capture_<netns cookie>`.
+const CAPTURE_PIN_PREFIX: &str = "capture_";
+
 impl Redirect {
     /// Loads the programs, pins maps and links under `pin_dir`, and attaches to `cgroup`
     /// (this node's pod cgroup subtree; never the root, so that nodes sharing a kernel in the
@@ -254,7 +257,8 @@ impl Redirect {
     }
 
     fn capture_pin(&self, netns_cookie: u64) -> PathBuf {
-        self.pin_dir.join(format!("capture_{netns_cookie}"))
+        self.pin_dir
+            .join(format!("{CAPTURE_PIN_PREFIX}{netns_cookie}"))
     }
 
     /// Points inbound capture for `ip` at the agent's plaintext listener `listener` (a
@@ -413,7 +417,7 @@ impl Redirect {
                 let name = entry.file_name();
                 let cookie = name
                     .to_str()
-                    .and_then(|n| n.strip_prefix("capture_"))
+                    .and_then(|n| n.strip_prefix(CAPTURE_PIN_PREFIX))
                     .and_then(|c| c.parse::<u64>().ok());
                 if cookie.is_some_and(|c| !keep.contains(&c)) {
                     let _ = std::fs::remove_file(entry.path());

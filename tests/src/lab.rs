@@ -543,7 +543,7 @@ impl Lab {
     pub fn cni(&self, pod: &PodInfo, command: &str) -> anyhow::Result<std::process::Output> {
         use std::io::Write;
         let node = self.topology.node(&pod.node).context("pod's node")?;
-        let socket = Path::new(&node.agent_socket).with_file_name("cni.sock");
+        let socket = node.cni_socket();
         let mut ips =
             vec![serde_json::json!({"address": format!("{}/32", pod.ip), "interface": 0})];
         if let Some(ip6) = pod.ip6 {
@@ -731,15 +731,19 @@ impl Lab {
         Ok(child)
     }
 
-    /// Starts again the agent of `node` (after [`Self::kill_agent`]) with the same arguments,
-    /// and waits for its node socket. It announces nothing: adopting the pods is its job.
-    pub fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
-        let index = self
-            .topology
+    /// `node`'s place in the topology (its agent is `children[index + 1]`).
+    fn node_index(&self, node: &str) -> anyhow::Result<usize> {
+        self.topology
             .nodes
             .iter()
             .position(|n| n.name == node)
-            .context("no such node")?;
+            .with_context(|| format!("no node {node} in the lab"))
+    }
+
+    /// Starts again the agent of `node` (after [`Self::kill_agent`]) with the same arguments,
+    /// and waits for its node socket. It announces nothing: adopting the pods is its job.
+    pub fn restart_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let index = self.node_index(node)?;
         let socket = self.topology.nodes[index].agent_socket.clone();
         let _ = std::fs::remove_file(&socket);
         let child = self.spawn_agent(index)?;
@@ -754,12 +758,7 @@ impl Lab {
 
     /// Kills the agent of `node` with SIGKILL (a crash), and waits for it to be gone.
     pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
-        let index = self
-            .topology
-            .nodes
-            .iter()
-            .position(|n| n.name == node)
-            .context("no such node")?;
+        let index = self.node_index(node)?;
         // children[0] is the control plane, then one agent per node in node order.
         let child = self.children.get_mut(index + 1).context("agent process")?;
         child.kill()?;
@@ -858,7 +857,7 @@ impl Lab {
 
     /// The process id of `node`'s agent.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        let index = self.topology.nodes.iter().position(|n| n.name == node)?;
+        let index = self.node_index(node).ok()?;
         self.children.get(index + 1).map(Child::id)
     }
 

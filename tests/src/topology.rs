@@ -90,6 +90,13 @@ pub struct PodInfo {
     pub registered: bool,
 }
 
+impl NodeInfo {
+    /// The agent's CNI socket (the agent's default: beside its node socket).
+    pub fn cni_socket(&self) -> std::path::PathBuf {
+        std::path::Path::new(&self.agent_socket).with_file_name("cni.sock")
+    }
+}
+
 impl PodInfo {
     /// The pod's addresses: IPv4, then IPv6 in a dual-stack lab.
     pub fn ips(&self) -> Vec<IpAddr> {

@@ -34,6 +34,17 @@ fn container(pod: &meshlet_lab::topology::PodInfo) -> Container {
     }
 }
 
+/// The real ptp + host-local chain, then meshlet-cni, for a `made_by_cni` pod on node-1, run
+/// in that node's netns.
+fn ptp_chain(lab: &meshlet_lab::Lab, pod: &meshlet_lab::topology::PodInfo) -> Chain {
+    let node1 = lab.topology.node("node-1").expect("node-1");
+    Chain {
+        conflist: ptp_then_meshlet(pod.ip, &lab.state_path("ipam"), &node1.cni_socket()),
+        plugin_dirs: vec![DEBIAN_PLUGINS.into(), bin_dir()],
+        node_netns: Some(node1.netns.clone()),
+    }
+}
+
 #[test]
 fn a_pod_made_by_the_real_cni_chain_is_captured_before_it_runs_and_talks_mtls() {
     let lab = up(&[
@@ -44,12 +55,7 @@ fn a_pod_made_by_the_real_cni_chain_is_captured_before_it_runs_and_talks_mtls() 
     let boxed = lab.topology.pod("boxed").expect("boxed").clone();
     let api = lab.topology.pod("api").expect("api").clone();
     let node1 = lab.topology.node("node-1").expect("node-1").clone();
-    let socket = Path::new(&node1.agent_socket).with_file_name("cni.sock");
-    let chain = Chain {
-        conflist: ptp_then_meshlet(boxed.ip, &lab.state_path("ipam"), &socket),
-        plugin_dirs: vec![DEBIAN_PLUGINS.into(), bin_dir()],
-        node_netns: Some(node1.netns.clone()),
-    };
+    let chain = ptp_chain(&lab, &boxed);
     let sandbox = container(&boxed);
 
     // ADD: ptp wires the pod, meshlet-cni enrolls it; ptp's result passes through unchanged.
@@ -128,13 +134,7 @@ fn spec_conformance_and_a_missing_agent_make_pods_wait_never_run_uncaptured() {
         PodSpec::new("late", "node-1", "late").made_by_cni(),
     ]);
     let late = lab.topology.pod("late").expect("late").clone();
-    let node1 = lab.topology.node("node-1").expect("node-1").clone();
-    let socket = Path::new(&node1.agent_socket).with_file_name("cni.sock");
-    let chain = Chain {
-        conflist: ptp_then_meshlet(late.ip, &lab.state_path("ipam"), &socket),
-        plugin_dirs: vec![DEBIAN_PLUGINS.into(), bin_dir()],
-        node_netns: Some(node1.netns.clone()),
-    };
+    let chain = ptp_chain(&lab, &late);
     let meshlet = chain.conflist["plugins"][1].clone();
     let sandbox = container(&late);
 

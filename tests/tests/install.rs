@@ -1,7 +1,7 @@
 //! What the install ships, checked against the running thing: the agent works with exactly
 //! the capabilities the rendered DaemonSet lists, and without any one of them it fails in a
 //! way that names what is missing; `meshlet doctor` on a lab node. Root only.
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use meshlet_lab::{Lab, LabOptions, PodSpec};
 
@@ -160,7 +160,7 @@ fn doctor_on_a_lab_node_passes_and_names_what_fails() {
         .arg("--cni-conf-dir")
         .arg(&conf_dir)
         .arg("--socket")
-        .arg(Path::new(&node.agent_socket).with_file_name("cni.sock"))
+        .arg(node.cni_socket())
         .output()
         .expect("meshlet-cni install");
     assert!(install.status.success(), "{install:?}");

@@ -22,7 +22,7 @@ fn podman_starts_a_mesh_container_only_once_the_agent_has_captured_it() {
     let boxed = lab.topology.pod("boxed").expect("boxed").clone();
     let api = lab.topology.pod("api").expect("api").clone();
     let node1 = lab.topology.node("node-1").expect("node-1").clone();
-    let socket = Path::new(&node1.agent_socket).with_file_name("cni.sock");
+    let socket = node1.cni_socket();
     let podman = Podman::new(
         &lab.state_path("podman"),
         &node1.netns,
