@@ -56,6 +56,19 @@ pub fn bind(path: &Path) -> Result<AsyncFd<OwnedFd>, CniSocketError> {
     register(fd).map_err(|e| error(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))
 }
 
+/// Takes the CNI socket a predecessor handed over (see `handover`) when it is the one bound
+/// at `path`; `None` otherwise (the caller binds its own).
+pub fn adopt(fd: OwnedFd, path: &Path) -> Option<AsyncFd<OwnedFd>> {
+    let bound = socket::getsockname::<UnixAddr>(fd.as_raw_fd()).ok()?;
+    if bound.path() != Some(path) {
+        return None;
+    }
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).ok()?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).ok()?;
+    register(fd).ok()
+}
+
 /// Hands a socket to the runtime's reactor.
 fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, which stays open and returns the same descriptor
@@ -155,7 +168,7 @@ async fn serve_one(conn: OwnedFd, pods: &PodRegistry) -> std::io::Result<()> {
     }
     loop {
         let mut guard = conn.writable().await?;
-        match guard.try_io(|c| cni_socket::send(c.get_ref().as_fd(), &reply, None)) {
+        match guard.try_io(|c| cni_socket::send(c.get_ref().as_fd(), &reply, &[])) {
             Ok(result) => return result,
             Err(_would_block) => continue,
         }

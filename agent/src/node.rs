@@ -34,4 +34,6 @@ pub struct NodeAgent {
     pub inbound_connections: Arc<ConnectionLimiter>,
     /// Node addresses kubelet probes come from (`--capture-exempt-source`).
     pub capture_exempt_sources: Vec<std::net::IpAddr>,
+    /// Set once a successor has taken the node over.
+    pub drain: crate::drain::Drain,
 }

@@ -27,7 +27,9 @@ impl NodeService for NodeApi {
                 Err(match e {
                     PodError::EmptyUid => Status::invalid_argument(e.to_string()),
                     PodError::Conflict { .. } => Status::already_exists(e.to_string()),
-                    PodError::InProgress { .. } => Status::unavailable(e.to_string()),
+                    PodError::InProgress { .. } | PodError::HandingOver { .. } => {
+                        Status::unavailable(e.to_string())
+                    }
                     PodError::Netns { .. } => Status::not_found(e.to_string()),
                     _ => Status::internal(e.to_string()),
                 })

@@ -255,84 +255,98 @@ async fn tunnel_to(
     // The pool lookup's values (our leaf, the signer, the key) are dropped once we have a
     // connection: an idle tunnelled connection should hold only what it moves bytes with.
     let endpoint = SocketAddr::new(address.ip(), TUNNEL_PORT);
-    let checkout = {
-        let client_leaf = own_certificate
-            .certified_key
-            .cert
-            .first()
-            .map(|c| tunnel::pool::fingerprint(c))
-            .unwrap_or_default();
-        let signer = agent
-            .bundle
-            .current()
-            .signer_chain
-            .first()
-            .map(|c| tunnel::pool::fingerprint(c));
-        // New streams only on a connection made with our current certificate and, once the CA
-        // signs with a new signer, with a server certificate from it.
-        let now = std::time::SystemTime::now();
-        let current = |c: &Credentials| {
-            c.client_leaf == client_leaf
-                && signer.is_none_or(|s| s == c.server_issuer)
-                && c.server_not_after.is_none_or(|t| t > now)
-        };
-        let key = PoolKey {
-            source_pod: pod.uid.clone(),
-            source_identity: source_identity.clone(),
-            endpoint,
-            expected: vec![destination.identity.clone()],
-        };
-        let connect = || async {
-            let config = tls::client_config(
-                &agent.tls,
-                agent.bundle.clone(),
-                agent.identities.clone(),
-                source_identity.clone(),
-                vec![destination.identity.clone()],
-            )?;
-            let connector = TunnelConnector {
-                netns: &pod.netns,
-                tls: config,
-                bundle: agent.bundle.clone(),
-                provider: agent.tls.provider.clone(),
-                client_leaf,
-                limits: &agent.limits,
+    // A stream that fails to open has sent nothing: on a pooled connection the peer is
+    // closing (GOAWAY: its agent hands the node over, or restarts), a second try takes
+    // another connection, or makes one.
+    let mut tries = 0;
+    let (checkout, send, answer, traceparent) = loop {
+        tries += 1;
+        let checkout = {
+            let client_leaf = own_certificate
+                .certified_key
+                .cert
+                .first()
+                .map(|c| tunnel::pool::fingerprint(c))
+                .unwrap_or_default();
+            let signer = agent
+                .bundle
+                .current()
+                .signer_chain
+                .first()
+                .map(|c| tunnel::pool::fingerprint(c));
+            // New streams only on a connection made with our current certificate and, once the CA
+            // signs with a new signer, with a server certificate from it.
+            let now = std::time::SystemTime::now();
+            let current = |c: &Credentials| {
+                c.client_leaf == client_leaf
+                    && signer.is_none_or(|s| s == c.server_issuer)
+                    && c.server_not_after.is_none_or(|t| t > now)
             };
-            match tokio::time::timeout(agent.limits.handshake_timeout, connector.connect(endpoint))
+            let key = PoolKey {
+                source_pod: pod.uid.clone(),
+                source_identity: source_identity.clone(),
+                endpoint,
+                expected: vec![destination.identity.clone()],
+            };
+            let connect = || async {
+                let config = tls::client_config(
+                    &agent.tls,
+                    agent.bundle.clone(),
+                    agent.identities.clone(),
+                    source_identity.clone(),
+                    vec![destination.identity.clone()],
+                )?;
+                let connector = TunnelConnector {
+                    netns: &pod.netns,
+                    tls: config,
+                    bundle: agent.bundle.clone(),
+                    provider: agent.tls.provider.clone(),
+                    client_leaf,
+                    limits: &agent.limits,
+                };
+                match tokio::time::timeout(
+                    agent.limits.handshake_timeout,
+                    connector.connect(endpoint),
+                )
                 .await
-            {
-                Ok(result) => result,
-                Err(_) => {
-                    agent.metrics.tunnel_timeout("connect");
-                    Err(tunnel::TunnelError::Timeout(endpoint))
+                {
+                    Ok(result) => result,
+                    Err(_) => {
+                        agent.metrics.tunnel_timeout("connect");
+                        Err(tunnel::TunnelError::Timeout(endpoint))
+                    }
                 }
-            }
+            };
+            // Boxed: a tunnel set-up (TCP, TLS and HTTP/2 handshakes) is a large future, and in
+            // place it would size every connection's task, idle ones included, for its whole life.
+            Box::pin(agent.pool.checkout(&key, &current, connect))
+                .await
+                .inspect_err(|e| {
+                    if let tunnel::TunnelError::Handshake { source, .. } = e {
+                        agent
+                            .metrics
+                            .handshake_failures
+                            .get_or_create(&crate::metrics::FailureLabels {
+                                direction: "outbound",
+                                reason: tls::handshake_failure_reason(source),
+                            })
+                            .inc();
+                    }
+                })?
         };
-        // Boxed: a tunnel set-up (TCP, TLS and HTTP/2 handshakes) is a large future, and in
-        // place it would size every connection's task, idle ones included, for its whole life.
-        Box::pin(agent.pool.checkout(&key, &current, connect))
-            .await
-            .inspect_err(|e| {
-                if let tunnel::TunnelError::Handshake { source, .. } = e {
-                    agent
-                        .metrics
-                        .handshake_failures
-                        .get_or_create(&crate::metrics::FailureLabels {
-                            direction: "outbound",
-                            reason: tls::handshake_failure_reason(source),
-                        })
-                        .inc();
-                }
-            })?
-    };
-    let traceparent = tunnel::new_traceparent();
-    let (send, answer) = tunnel::start_stream(checkout.sender(), endpoint, address, &traceparent)
-        .await
-        .inspect_err(|e| {
-            if matches!(e, tunnel::TunnelError::Http2 { .. }) {
+        let traceparent = tunnel::new_traceparent();
+        match tunnel::start_stream(checkout.sender(), endpoint, address, &traceparent).await {
+            Ok((send, answer)) => break (checkout, send, answer, traceparent),
+            Err(e @ tunnel::TunnelError::Http2 { .. }) => {
                 checkout.poison();
+                if tries >= 2 {
+                    return Err(e.into());
+                }
+                tracing::debug!(%endpoint, "pooled tunnel connection is closing ({e}); trying another");
             }
-        })?;
+            Err(e) => return Err(e.into()),
+        }
+    };
     let response_timeout = agent.limits.connect_response_timeout;
     let authority = address;
     let metrics = agent.metrics.clone();

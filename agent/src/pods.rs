@@ -9,6 +9,7 @@ use std::{
 };
 
 use meshlet_common::{AGENT_MARK, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, TUNNEL_PORT};
+pub use meshlet_proto::v1::ListenerKind;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -33,6 +34,8 @@ pub enum PodError {
     Conflict { uid: String, existing: PathBuf },
     #[error("pod {uid} is being enrolled by another request; retry when it has finished")]
     InProgress { uid: String },
+    #[error("pod {uid}: this agent is handing the node over to a new agent; retry in a moment (the new one takes it)")]
+    HandingOver { uid: String },
     #[error("pod {uid}: {source}")]
     Netns {
         uid: String,
@@ -101,7 +104,8 @@ impl PodHandle {
 struct Pod {
     handle: Arc<PodHandle>,
     netns_id: NetnsId,
-    tasks: Vec<JoinHandle<()>>,
+    /// One accept loop per listener.
+    listening: Vec<Listening>,
     identity: Option<SpiffeId>,
     /// Inbound capture as last set, and the workload-wide mode it follows from.
     captured: bool,
@@ -130,6 +134,36 @@ pub struct PodRegistry {
     /// the first has finished (the check and the insert are far apart: netns, listeners,
     /// routing and capture happen between them).
     adding: Mutex<std::collections::HashSet<String>>,
+    /// Whether the listeners accept: false while a successor prepares to take over from a
+    /// predecessor (it has their sockets, and accepts once it is ready).
+    accepting: tokio::sync::watch::Sender<bool>,
+    /// While this agent hands the node over: the pods whose removal was asked meanwhile
+    /// (the successor removes them, or this agent does if the handover fails).
+    handing_over: Mutex<Option<Vec<String>>>,
+    /// After a handover: the pods belong to the successor; nothing here changes the kernel.
+    released: std::sync::atomic::AtomicBool,
+}
+
+/// One of a pod's listeners and the task that accepts on it. The socket is kept here too, to
+/// hand it to a successor.
+struct Listening {
+    kind: ListenerKind,
+    listener: Arc<TcpListener>,
+    task: JoinHandle<()>,
+}
+
+impl Listening {
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+/// A pod as a predecessor hands it over: its namespace and listening sockets.
+pub struct HandedPod {
+    pub uid: String,
+    pub netns_path: PathBuf,
+    pub netns: std::fs::File,
+    pub listeners: Vec<(ListenerKind, Socket)>,
 }
 
 /// Takes a uid out of `PodRegistry::adding` when its enrollment ends, however it ends.
@@ -147,7 +181,7 @@ impl Drop for Adding<'_> {
     }
 }
 
-/// Listeners made inside the pod's netns.
+/// Listeners made inside the pod's netns (or handed over from a predecessor).
 struct PodSockets {
     outbound: Vec<Socket>,
     tunnel: Vec<Socket>,
@@ -164,6 +198,9 @@ impl PodRegistry {
             enrolled,
             pods: Mutex::new(HashMap::new()),
             adding: Mutex::new(std::collections::HashSet::new()),
+            accepting: tokio::sync::watch::Sender::new(true),
+            handing_over: Mutex::new(None),
+            released: std::sync::atomic::AtomicBool::new(false),
         });
         // Identities follow the workloads the control plane describes.
         let weak = Arc::downgrade(&registry);
@@ -201,18 +238,26 @@ impl PodRegistry {
         netns: std::fs::File,
         netns_path: &Path,
     ) -> Result<u64, PodError> {
-        let cookie = self.enroll(uid, netns, netns_path).await?;
+        if self.handing_over().is_some() {
+            return Err(PodError::HandingOver {
+                uid: uid.to_string(),
+            });
+        }
+        let cookie = self.enroll(uid, netns, netns_path, None).await?;
         self.save();
         Ok(cookie)
     }
 
     /// [`Self::add_netns`] without recording the pods (adoption records them once, at the
     /// end).
+    /// `handed` are the pod's listening sockets from a predecessor; without them the agent
+    /// opens its own.
     async fn enroll(
         &self,
         uid: &str,
         netns: std::fs::File,
         netns_path: &Path,
+        handed: Option<Vec<(ListenerKind, Socket)>>,
     ) -> Result<u64, PodError> {
         if uid.is_empty() {
             return Err(PodError::EmptyUid);
@@ -258,7 +303,10 @@ impl PodRegistry {
                 source,
             })?;
         let sockets = netns
-            .run(open_listeners)
+            .run(move || match handed {
+                Some(handed) => adopt_listeners(handed),
+                None => open_listeners(),
+            })
             .await
             .map_err(|source| PodError::Netns {
                 uid: uid.to_string(),
@@ -283,35 +331,35 @@ impl PodRegistry {
             addresses: sockets.addresses.clone(),
             server_tls: Mutex::new(None),
         });
-        let mut tasks = Vec::new();
-        let listening = self
+        let mut listening = Vec::new();
+        let started = self
             .spawn_accept_loops(
                 &handle,
                 sockets.plaintext,
-                "plaintext",
+                ListenerKind::Plaintext,
                 inbound::plaintext::handle,
-                &mut tasks,
+                &mut listening,
             )
             .and_then(|()| {
                 self.spawn_accept_loops(
                     &handle,
                     sockets.outbound,
-                    "outbound",
+                    ListenerKind::Outbound,
                     outbound::handle,
-                    &mut tasks,
+                    &mut listening,
                 )
             })
             .and_then(|()| {
                 self.spawn_accept_loops(
                     &handle,
                     sockets.tunnel,
-                    "tunnel",
+                    ListenerKind::Tunnel,
                     inbound::tunnel::handle_connection,
-                    &mut tasks,
+                    &mut listening,
                 )
             });
-        if let Err((addr, source)) = listening {
-            tasks.iter().for_each(JoinHandle::abort);
+        if let Err((addr, source)) = started {
+            listening.iter().for_each(Listening::stop);
             self.release_capture(&handle, &[]);
             return Err(PodError::Listen {
                 uid: uid.to_string(),
@@ -321,7 +369,7 @@ impl PodRegistry {
         }
         // Enroll last: from here on the pod's connects come to listeners that exist.
         if let Err(source) = self.agent.redirect.enroll(sockets.cookie) {
-            tasks.iter().for_each(JoinHandle::abort);
+            listening.iter().for_each(Listening::stop);
             self.release_capture(&handle, &[]);
             return Err(PodError::Enroll {
                 uid: uid.to_string(),
@@ -334,7 +382,7 @@ impl PodRegistry {
             Pod {
                 handle,
                 netns_id: id,
-                tasks,
+                listening,
                 identity: None,
                 captured: true,
                 mode: None,
@@ -407,7 +455,7 @@ impl PodRegistry {
                 gone += 1;
                 continue;
             };
-            match self.enroll(&record.uid, netns, &path).await {
+            match self.enroll(&record.uid, netns, &path, None).await {
                 Ok(cookie) => {
                     keep.insert(cookie);
                     adopted += 1;
@@ -430,8 +478,145 @@ impl PodRegistry {
         (adopted, gone)
     }
 
+    /// Successor: enrolls the pods a predecessor hands over, on its sockets. The listeners
+    /// accept only from [`Self::start_accepting`] on (the predecessor accepts meanwhile).
+    /// Returns how many pods were taken.
+    pub async fn take_over(&self, pods: Vec<HandedPod>) -> usize {
+        self.accepting.send_replace(false);
+        let started = std::time::Instant::now();
+        let mut taken = 0;
+        for pod in pods {
+            let uid = pod.uid.clone();
+            match self
+                .enroll(&uid, pod.netns, &pod.netns_path, Some(pod.listeners))
+                .await
+            {
+                Ok(_) => taken += 1,
+                Err(e) => tracing::error!(pod = %uid, "cannot take the pod over: {e}"),
+            }
+        }
+        self.save();
+        tracing::info!(
+            taken,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "pods taken over from the predecessor (not accepting yet)"
+        );
+        taken
+    }
+
+    /// Successor: the listeners start accepting.
+    pub fn start_accepting(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Predecessor: stops enrolling (new pods are told to retry; removals are kept for the
+    /// successor) and lists every pod with copies of its namespace and listening sockets.
+    /// Waits (at most `wait`) for enrollments under way to finish, so that none is missed.
+    pub async fn begin_handover(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<Vec<HandedPod>, std::io::Error> {
+        *self.handing_over.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        let deadline = tokio::time::Instant::now() + wait;
+        while !self
+            .adding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("pod enrollments still under way after {wait:?}"),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.values()
+            .map(|pod| {
+                let netns = std::fs::File::from(pod.handle.netns.as_fd().try_clone_to_owned()?);
+                let listeners = pod
+                    .listening
+                    .iter()
+                    .map(|l| {
+                        Ok((
+                            l.kind,
+                            Socket::from(l.listener.as_fd().try_clone_to_owned()?),
+                        ))
+                    })
+                    .collect::<std::io::Result<_>>()?;
+                Ok(HandedPod {
+                    uid: pod.handle.uid.clone(),
+                    netns_path: pod.handle.netns.path().to_path_buf(),
+                    netns,
+                    listeners,
+                })
+            })
+            .collect()
+    }
+
+    /// Predecessor, the handover failed: enrolls again, and does the removals it held back.
+    pub fn abort_handover(&self) {
+        let removed = self
+            .handing_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        for uid in removed {
+            self.remove(&uid);
+        }
+    }
+
+    /// Predecessor, the successor has taken over: stops accepting on every pod listener and
+    /// lets go of the pods without touching the kernel (they are the successor's now).
+    /// Returns the pods whose removal was asked during the handover, for the successor.
+    pub fn release(&self) -> Vec<String> {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        let pods: Vec<Pod> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, pod)| pod)
+            .collect();
+        for pod in &pods {
+            pod.listening.iter().for_each(Listening::stop);
+            if let Some(identity) = &pod.identity {
+                self.agent.identities.release(identity);
+            }
+        }
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Whether this agent is handing the node over (enrollment paused).
+    fn handing_over(&self) -> Option<()> {
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|_| ())
+    }
+
     /// Forgets a pod: unenrolls it, closes its listeners, lets go of its netns and identity.
     pub fn remove(&self, uid: &str) -> bool {
+        if let Some(removed) = self
+            .handing_over
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            // The successor has the pod's sockets: it removes the pod when told.
+            removed.push(uid.to_string());
+            tracing::info!(pod = %uid, "pod removal passed on to the successor");
+            return true;
+        }
         let pod = self
             .pods
             .lock()
@@ -447,7 +632,7 @@ impl PodRegistry {
             .unwrap_or_default();
         self.release_capture(&pod.handle, &described);
         self.set_exemptions(&pod.handle.uid, &pod.exempted, &[]);
-        pod.tasks.iter().for_each(JoinHandle::abort);
+        pod.listening.iter().for_each(Listening::stop);
         if let Some(identity) = &pod.identity {
             self.agent.identities.release(identity);
         }
@@ -483,23 +668,29 @@ impl PodRegistry {
         &self,
         pod: &Arc<PodHandle>,
         sockets: Vec<Socket>,
-        which: &'static str,
+        which: ListenerKind,
         handle: F,
-        tasks: &mut Vec<JoinHandle<()>>,
+        listening: &mut Vec<Listening>,
     ) -> Result<(), (SocketAddr, std::io::Error)>
     where
         F: Fn(Arc<NodeAgent>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut + Copy + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         for socket in sockets {
-            let listener = into_listener(socket)?;
-            tasks.push(tokio::spawn(accept_loop(
+            let listener = Arc::new(into_listener(socket)?);
+            let task = tokio::spawn(accept_loop(
                 self.agent.clone(),
                 pod.clone(),
-                listener,
-                which,
+                listener.clone(),
+                self.accepting.subscribe(),
+                which.as_str_name(),
                 handle,
-            )));
+            ));
+            listening.push(Listening {
+                kind: which,
+                listener,
+                task,
+            });
         }
         Ok(())
     }
@@ -512,7 +703,6 @@ impl PodRegistry {
         sockets: &PodSockets,
     ) -> Result<(), crate::redirect::RedirectError> {
         let redirect = &self.agent.redirect;
-        redirect.attach_capture(netns, sockets.cookie)?;
         for ip in &sockets.addresses {
             let listener = sockets.plaintext.iter().find(|s| {
                 s.local_addr()
@@ -529,7 +719,10 @@ impl PodRegistry {
             }
             redirect.set_captured(*ip, true)?;
         }
-        Ok(())
+        // Attached once the maps it reads are filled: a program attached first would drop
+        // the SYNs that come in between (with a predecessor's program still attached, those
+        // are connections that would otherwise have been served).
+        redirect.attach_capture(netns, sockets.cookie)
     }
 
     /// Moves a pod's kubelet-probe exemptions from `old` to `new`.
@@ -571,6 +764,9 @@ impl PodRegistry {
     /// Makes the pods follow what the control plane now says: each holds its workload's
     /// identity, and its inbound capture follows its mTLS mode.
     fn reconcile(&self) {
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let policy = self.agent.state.policy();
         let mut pods = self.pods.lock().unwrap_or_else(|e| e.into_inner());
         for pod in pods.values_mut() {
@@ -644,13 +840,18 @@ impl PodRegistry {
 async fn accept_loop<F, Fut>(
     agent: Arc<NodeAgent>,
     pod: Arc<PodHandle>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
+    mut accepting: tokio::sync::watch::Receiver<bool>,
     which: &'static str,
     handle: F,
 ) where
     F: Fn(Arc<NodeAgent>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    // A successor waits until it is ready (meanwhile its predecessor accepts).
+    if accepting.wait_for(|a| *a).await.is_err() {
+        return;
+    }
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -708,6 +909,68 @@ fn open_listeners() -> Result<PodSockets, (SocketAddr, std::io::Error)> {
         tunnel,
         plaintext,
         cookie,
+        addresses: pod_addresses(),
+    })
+}
+
+/// Runs inside the pod's netns: takes the listening sockets a predecessor handed over, after
+/// checking that each is a listening TCP socket of this namespace on its kind's port.
+fn adopt_listeners(
+    handed: Vec<(ListenerKind, Socket)>,
+) -> Result<PodSockets, (SocketAddr, std::io::Error)> {
+    let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+    let here = Socket::new(Domain::IPV4, Type::STREAM, None)
+        .and_then(|s| crate::netns::socket_netns_cookie(s.as_fd()))
+        .map_err(|e| (unspecified, e))?;
+    let (mut outbound, mut tunnel, mut plaintext) = (Vec::new(), Vec::new(), Vec::new());
+    for (kind, socket) in handed {
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(unspecified);
+        let (port, list) = match kind {
+            ListenerKind::Outbound => (OUTBOUND_PORT, &mut outbound),
+            ListenerKind::Tunnel => (TUNNEL_PORT, &mut tunnel),
+            ListenerKind::Plaintext => (INBOUND_PLAINTEXT_PORT, &mut plaintext),
+            _ => continue,
+        };
+        let invalid = |what: String| {
+            (
+                addr,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+            )
+        };
+        if addr.port() != port || !socket.is_listener().unwrap_or(false) {
+            return Err(invalid(format!(
+                "the handed-over {} socket is not a listener on port {port}",
+                kind.as_str_name()
+            )));
+        }
+        let cookie = crate::netns::socket_netns_cookie(socket.as_fd()).map_err(|e| (addr, e))?;
+        if cookie != here {
+            return Err(invalid(format!(
+                "the handed-over {} socket belongs to another network namespace",
+                kind.as_str_name()
+            )));
+        }
+        socket.set_nonblocking(true).map_err(|e| (addr, e))?;
+        list.push(socket);
+    }
+    if outbound.is_empty() || tunnel.is_empty() || plaintext.is_empty() {
+        return Err((
+            unspecified,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the predecessor handed over no outbound, tunnel or plaintext listener",
+            ),
+        ));
+    }
+    Ok(PodSockets {
+        outbound,
+        tunnel,
+        plaintext,
+        cookie: here,
         addresses: pod_addresses(),
     })
 }

@@ -85,6 +85,9 @@ pub struct Redirect {
     exempt: Mutex<HashMap<MapData, ExemptKey, u32>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u32>>,
     stats: PerCpuArray<MapData, u64>,
+    /// This agent's cgroup (v2 id), and the programs' copy of it and of a predecessor's.
+    agent_cgroup: u64,
+    agent_cgroups: Mutex<aya::maps::Array<MapData, u64>>,
 }
 
 /// A delivery let past inbound capture; the pass ends when this drops.
@@ -129,10 +132,15 @@ impl Redirect {
     ///
     /// `max_connections` sizes the original-destination maps: redirected connections the node
     /// can have open at once (past it, new connects are refused and counted).
+    ///
+    /// `predecessor_cgroup` is the cgroup of an agent this one takes over from (see
+    /// `handover`): until [`Self::forget_predecessor`], its sockets are not redirected either,
+    /// so that it can finish delivering what it accepted.
     pub fn attach(
         cgroup: &Path,
         pin_dir: &Path,
         max_connections: u32,
+        predecessor_cgroup: Option<u64>,
     ) -> Result<Self, RedirectError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| RedirectError::PinDir {
             path: pin_dir.to_path_buf(),
@@ -155,12 +163,14 @@ impl Redirect {
                     name: "AGENT_CGROUP",
                     source,
                 })?;
-            array
-                .set(0, agent_cgroup, 0)
-                .map_err(|source| RedirectError::Map {
-                    name: "AGENT_CGROUP",
-                    source,
-                })?;
+            for (slot, id) in [(0, agent_cgroup), (1, predecessor_cgroup.unwrap_or(0))] {
+                array
+                    .set(slot, id, 0)
+                    .map_err(|source| RedirectError::Map {
+                        name: "AGENT_CGROUP",
+                        source,
+                    })?;
+            }
         }
         let cgroup_file = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_path_buf(),
@@ -215,6 +225,7 @@ impl Redirect {
         let exempt: HashMap<MapData, ExemptKey, u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT_V2")?;
         let deliveries = take_map(&mut ebpf, "DELIVERIES")?;
         let stats = take_map(&mut ebpf, "STATS")?;
+        let agent_cgroups = take_map(&mut ebpf, "AGENT_CGROUP")?;
         tracing::info!(cgroup = %cgroup.display(), pins = %pin_dir.display(), "eBPF redirect attached");
         Ok(Self {
             ebpf: Mutex::new(ebpf),
@@ -226,7 +237,22 @@ impl Redirect {
             exempt: Mutex::new(exempt),
             deliveries: Mutex::new(deliveries),
             stats,
+            agent_cgroup,
+            agent_cgroups: Mutex::new(agent_cgroups),
         })
+    }
+
+    /// This agent's cgroup (v2 id), which its programs know it by; a successor is told it.
+    pub fn agent_cgroup(&self) -> u64 {
+        self.agent_cgroup
+    }
+
+    /// Stops exempting the predecessor's cgroup (it has finished and gone).
+    pub fn forget_predecessor(&self) {
+        let mut map = self.agent_cgroups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = map.set(1, 0, 0) {
+            tracing::warn!("cannot clear the predecessor's cgroup from the programs: {e}");
+        }
     }
 
     /// Attaches inbound capture to a pod's netns. The link is pinned (by netns cookie), so

@@ -1,11 +1,14 @@
 //! Starting the agent: attach the eBPF programs, follow the control plane, serve the node API.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{os::fd::AsFd, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use meshlet_proto::v1::node_service_server::NodeServiceServer;
+use meshlet_proto::v1::ListenerKind;
 
 use crate::{
     discovery,
+    drain::Drain,
+    handover::{self, Predecessor},
     identity::{GrpcCaClient, IdentityStore},
     limits::{self, TunnelLimits},
     node::NodeAgent,
@@ -133,6 +136,10 @@ pub struct AgentConfig {
     /// The admin API (JSON views for the `meshlet` CLI); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: std::net::SocketAddr,
+    /// Seconds this agent, once a successor has taken the node over, lets its connections
+    /// run before it exits (a rolling upgrade: new connections go to the successor at once).
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
     /// `/metrics` and `/healthz/ready` only, e.g. on the node's address for Prometheus and
     /// the kubelet's readiness probe (`0.0.0.0:15020` in the DaemonSet). Off when unset.
     #[arg(long)]
@@ -176,16 +183,22 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         max_connections_per_source = per_source,
         "open-files limit and inbound connection caps"
     );
-    let redirect = Arc::new(
-        Redirect::attach(
-            &config.pod_cgroup,
-            &config.bpf_pin_dir,
-            config.max_redirected_connections,
-        )
-        .context("attaching the eBPF redirect")?,
-    );
-    for ip in &config.capture_exempt_sources {
-        tracing::info!(%ip, "kubelet probes from this address reach their pods' probe ports without capture (nothing else from it does)");
+    // An agent already running on this node hands it over (a rolling upgrade); else this one
+    // starts on its own and adopts what a previous agent left.
+    let handover_socket = handover::socket_path(&config.node_socket);
+    let mut predecessor = {
+        let (path, node) = (handover_socket.clone(), config.node.clone());
+        tokio::task::spawn_blocking(move || Predecessor::find(&path, &node))
+            .await
+            .context("handover task")?
+            .context("taking the node over from the running agent")?
+    };
+    if let Some(p) = &predecessor {
+        tracing::info!(
+            pods = p.pods.len(),
+            host_sockets = p.host.len(),
+            "an agent runs on this node: taking over from it once this one is ready"
+        );
     }
     let tls_settings = Arc::new(tls::TlsSettings::new(config.allow_tls12));
     if config.allow_tls12 {
@@ -218,6 +231,36 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let state = Arc::new(crate::state::Store::default());
+    tokio::spawn(discovery::follow(
+        control_plane,
+        config.node.clone(),
+        state.clone(),
+        bundle.clone(),
+        metrics.clone(),
+    ));
+    // A successor changes nothing in the kernel before it could serve every pod it takes:
+    // if it cannot get there, it exits and the running agent keeps the node.
+    let prefetched = match &predecessor {
+        Some(p) => {
+            let uids: Vec<&str> = p.pods.iter().map(|p| p.uid.as_str()).collect();
+            ready_for(&state, &identities, &uids, TAKEOVER_READY_TIMEOUT)
+                .await
+                .context("not taking the node over: the running agent keeps it")?
+        }
+        None => Vec::new(),
+    };
+    let redirect = Arc::new(
+        Redirect::attach(
+            &config.pod_cgroup,
+            &config.bpf_pin_dir,
+            config.max_redirected_connections,
+            predecessor.as_ref().map(|p| p.cgroup_id),
+        )
+        .context("attaching the eBPF redirect")?,
+    );
+    for ip in &config.capture_exempt_sources {
+        tracing::info!(%ip, "kubelet probes from this address reach their pods' probe ports without capture (nothing else from it does)");
+    }
     let agent = Arc::new(NodeAgent {
         node: config.node.clone(),
         redirect,
@@ -236,6 +279,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         limits: config.tunnel_limits(),
         capture_exempt_sources: config.capture_exempt_sources.clone(),
         inbound_connections: limits::ConnectionLimiter::new(per_source, inbound_cap),
+        drain: Drain::default(),
     });
     // Idle tunnel connections go (a burst's extra ones, those to pods that left).
     {
@@ -263,13 +307,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         });
     }
-    tokio::spawn(discovery::follow(
-        control_plane,
-        config.node.clone(),
-        state,
-        bundle,
-        metrics,
-    ));
     let enrolled_file = config
         .enrolled_file
         .clone()
@@ -278,49 +315,265 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         agent.clone(),
         Some(crate::enrolled::EnrolledFile::new(enrolled_file)),
     );
-    // Every pod a previous agent enrolled, adopted again before any new pod is taken.
-    pods.adopt().await;
-    let admin = crate::admin::serve(config.admin_addr, agent.clone(), pods.clone()).await?;
+    match predecessor.as_mut() {
+        // Its pods, on its sockets; accepting waits until this agent takes over.
+        Some(p) => {
+            pods.take_over(std::mem::take(&mut p.pods)).await;
+            // The pods hold their identities now.
+            for identity in &prefetched {
+                agent.identities.release(identity);
+            }
+        }
+        // Every pod a previous agent enrolled, adopted again before any new pod is taken.
+        None => {
+            pods.adopt().await;
+        }
+    }
+
+    // The node's own sockets: the predecessor's where it handed them over, else new ones.
+    let cni_socket = config
+        .cni_socket
+        .clone()
+        .unwrap_or_else(|| beside(&config.node_socket, "cni.sock"));
+    let mut take = |kind| predecessor.as_mut().and_then(|p| p.take_host(kind));
+    let admin_listener = match take(ListenerKind::Admin).map(std::net::TcpListener::from) {
+        Some(l) if l.local_addr().ok() == Some(config.admin_addr) => {
+            l.set_nonblocking(true)?;
+            l
+        }
+        _ => crate::admin::bind(config.admin_addr)?,
+    };
+    let metrics_listener = match (config.metrics_addr, take(ListenerKind::Metrics)) {
+        (Some(addr), Some(fd)) => {
+            let l = std::net::TcpListener::from(fd);
+            if l.local_addr().ok() == Some(addr) {
+                l.set_nonblocking(true)?;
+                Some(l)
+            } else {
+                Some(crate::admin::bind(addr)?)
+            }
+        }
+        (Some(addr), None) => Some(crate::admin::bind(addr)?),
+        (None, _) => None,
+    };
+    let socket = &config.node_socket;
+    let node_listener =
+        match take(ListenerKind::NodeApi).map(std::os::unix::net::UnixListener::from) {
+            Some(l)
+                if l.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p == socket.as_path()))
+                    == Some(true) =>
+            {
+                l.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(l)?
+            }
+            _ => {
+                if let Some(dir) = socket.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let _ = std::fs::remove_file(socket);
+                bind_node_socket(socket)?
+            }
+        };
+    let cni = match take(ListenerKind::Cni).and_then(|fd| crate::cni::adopt(fd, &cni_socket)) {
+        Some(cni) => cni,
+        None => crate::cni::bind(&cni_socket)?,
+    };
+    // Copies of them all, for a successor.
+    let estate = handover::Estate {
+        node: config.node.clone(),
+        cgroup_id: agent.redirect.agent_cgroup(),
+        host: [
+            (
+                ListenerKind::Admin,
+                admin_listener.as_fd().try_clone_to_owned()?,
+            ),
+            (
+                ListenerKind::NodeApi,
+                node_listener.as_fd().try_clone_to_owned()?,
+            ),
+            (ListenerKind::Cni, cni.get_ref().try_clone()?),
+        ]
+        .into_iter()
+        .chain(
+            metrics_listener
+                .as_ref()
+                .map(|l| {
+                    l.as_fd()
+                        .try_clone_to_owned()
+                        .map(|fd| (ListenerKind::Metrics, fd))
+                })
+                .transpose()?,
+        )
+        .collect(),
+    };
+
+    let admin = crate::admin::serve(admin_listener, agent.clone(), pods.clone())?;
     tokio::spawn(async move {
         if let Err(e) = admin.await {
             tracing::error!("admin API stopped: {e}");
         }
     });
-    if let Some(addr) = config.metrics_addr {
-        tokio::spawn(crate::admin::serve_metrics(addr, agent.clone(), pods.clone()).await?);
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::admin::serve_metrics(
+            listener,
+            agent.clone(),
+            pods.clone(),
+        )?);
     }
-
-    let socket = &config.node_socket;
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    {
+        let (pods, drain) = (pods.clone(), agent.drain.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = crate::cni::serve(cni, pods) => {}
+                () = drain.signaled() => {}
+            }
+        });
     }
-    let _ = std::fs::remove_file(socket);
-    let listener = bind_node_socket(socket)?;
-    let cni_socket = config
-        .cni_socket
-        .clone()
-        .unwrap_or_else(|| beside(&config.node_socket, "cni.sock"));
-    let cni = crate::cni::bind(&cni_socket)?;
-    tokio::spawn(crate::cni::serve(cni, pods.clone()));
     tracing::info!(socket = %cni_socket.display(), "CNI socket open");
-    tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
     // Only root on this node may enroll or remove pods: the socket is 0600 root, and each
     // caller's credentials are checked as well (a socket passed to another process, or a
     // folder with looser permissions, must not open the API).
     let callers = tokio_stream::StreamExt::filter(
-        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        tokio_stream::wrappers::UnixListenerStream::new(node_listener),
         |conn| match conn {
             Ok(stream) => node_caller_allowed(stream),
             Err(_) => true,
         },
     );
-    let serve = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(30))
-        .add_service(NodeServiceServer::new(NodeApi { pods }))
-        .serve_with_incoming_shutdown(callers, shutdown_signal());
-    serve.await.context("node API server")?;
-    tracing::info!("meshlet agent stopping");
+    {
+        let (pods, drain) = (pods.clone(), agent.drain.clone());
+        tokio::spawn(async move {
+            let serve = tonic::transport::Server::builder()
+                .timeout(Duration::from_secs(30))
+                .add_service(NodeServiceServer::new(NodeApi { pods }))
+                .serve_with_incoming_shutdown(callers, async move { drain.signaled().await });
+            if let Err(e) = serve.await {
+                tracing::error!("node API server: {e}");
+            }
+        });
+    }
+
+    if let Some(predecessor) = predecessor {
+        pods.start_accepting();
+        let removed = tokio::task::spawn_blocking(move || {
+            let removed = predecessor.taken();
+            (predecessor, removed)
+        })
+        .await
+        .context("handover task")?;
+        let (predecessor, removed) = removed;
+        for uid in removed.context("completing the handover")? {
+            pods.remove(&uid);
+        }
+        tracing::info!("took the node over from the previous agent; it drains its connections");
+        let redirect = agent.redirect.clone();
+        std::thread::spawn(move || {
+            predecessor.wait_gone();
+            redirect.forget_predecessor();
+            tracing::info!("the previous agent has finished and gone");
+        });
+    }
+    let handover_listener = crate::cni::bind(&handover_socket)?;
+    let handed_over = tokio::spawn(handover::serve(
+        handover_listener,
+        pods.clone(),
+        estate,
+        agent.drain.clone(),
+    ));
+    tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("meshlet agent stopping");
+        }
+        successor = handed_over => {
+            // Kept open until this process exits: the successor learns so that it has gone.
+            let _successor = successor.context("handover task")?;
+            drain_connections(&agent, Duration::from_secs(config.drain_timeout)).await;
+        }
+    }
     Ok(())
+}
+
+/// How long a successor may take to follow the control plane and hold every pod's
+/// certificate before it gives up taking over.
+const TAKEOVER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until this agent has the control plane's state and a certificate for every
+/// identity of `uids` (it fetches them), at most `timeout`. Returns the identities it holds
+/// (the caller releases them once the pods hold their own).
+async fn ready_for(
+    state: &crate::state::Store,
+    identities: &Arc<IdentityStore>,
+    uids: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<Vec<crate::identity::SpiffeId>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut versions = state.subscribe();
+    while state.version() == 0 {
+        if tokio::time::timeout_at(deadline, versions.changed())
+            .await
+            .is_err()
+        {
+            anyhow::bail!("no state from the control plane within {timeout:?}");
+        }
+    }
+    let mut wanted: Vec<_> = uids
+        .iter()
+        .filter_map(|uid| state.by_uid(uid))
+        .map(|w| w.identity.clone())
+        .collect();
+    wanted.sort_by_key(|id| id.to_string());
+    wanted.dedup();
+    for identity in &wanted {
+        identities.acquire(identity);
+    }
+    loop {
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|id| identities.current(id).is_err())
+            .map(|id| id.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(wanted);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            for identity in &wanted {
+                identities.release(identity);
+            }
+            anyhow::bail!(
+                "no certificate within {timeout:?} for {}",
+                missing.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After a handover: waits for this agent's connections to end, at most `deadline`; what is
+/// still open then closes with the process.
+async fn drain_connections(agent: &NodeAgent, deadline: Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        let open = agent.connections.list().len();
+        if open == 0 {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "drained: every connection has ended"
+            );
+            return;
+        }
+        if started.elapsed() >= deadline {
+            tracing::warn!(
+                open,
+                "drain deadline (--drain-timeout) reached; closing what is still open"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `name` in the node socket's folder.

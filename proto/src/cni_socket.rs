@@ -2,6 +2,9 @@
 //! [`CniRequest`] (with the pod's network namespace as an `SCM_RIGHTS` descriptor on ADD)
 //! and the agent answers one [`CniReply`]. One message is one packet, so there is no framing
 //! to get wrong; a packet larger than [`MAX_MESSAGE`] is refused, not cut.
+//!
+//! The handover socket between two agents of one node (`HandoverMessage`, with listening
+//! sockets as descriptors) uses the same wire.
 use std::{
     io::{self, IoSlice, IoSliceMut},
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -15,8 +18,9 @@ use crate::v1::{CniReply, CniRequest};
 
 /// The largest message either side sends or takes.
 pub const MAX_MESSAGE: usize = 16 * 1024;
-/// Most descriptors one message may carry (a request carries at most one).
-const MAX_FDS: usize = 4;
+/// Most descriptors one message may carry (a CNI request carries at most one; a handover
+/// message a pod's namespace and its listeners).
+pub const MAX_FDS: usize = 16;
 
 /// Sysctls of a pod's network namespace that delivery needs: (path, value, required).
 ///
@@ -58,11 +62,11 @@ pub fn ensure_pod_sysctls() -> io::Result<()> {
     Ok(())
 }
 
-/// Sends `message`, with `fd` attached when given.
+/// Sends `message`, with `fds` attached (at most [`MAX_FDS`]).
 pub fn send(
     socket: BorrowedFd<'_>,
     message: &impl prost::Message,
-    fd: Option<BorrowedFd<'_>>,
+    fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
     let bytes = message.encode_to_vec();
     if bytes.len() > MAX_MESSAGE {
@@ -71,8 +75,18 @@ pub fn send(
             format!("message of {} bytes is over {MAX_MESSAGE}", bytes.len()),
         ));
     }
-    let fds = fd.map(|fd| [fd.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} descriptors in one message, over {MAX_FDS}", fds.len()),
+        ));
+    }
+    let raw: Vec<std::os::fd::RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
     socket::sendmsg::<()>(
         socket.as_raw_fd(),
         &[IoSlice::new(&bytes)],
@@ -150,7 +164,7 @@ pub fn call(
     socket::setsockopt(&socket, socket::sockopt::SendTimeout, &tv)?;
     socket::setsockopt(&socket, socket::sockopt::ReceiveTimeout, &tv)?;
     socket::connect(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
-    send(socket.as_fd(), request, netns)?;
+    send(socket.as_fd(), request, netns.as_slice())?;
     let (reply, _fds) = recv::<CniReply>(socket.as_fd())?;
     Ok(reply)
 }

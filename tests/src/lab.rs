@@ -91,6 +91,10 @@ pub struct Lab {
     replicas: Vec<(String, Child)>,
     /// The first control plane's health endpoint (Kubernetes mode).
     controlplane_health: Option<std::net::SocketAddr>,
+    /// Agents that handed their node over and drain: (node, process).
+    draining: Vec<(String, Child)>,
+    /// Agents started so far, for the cgroup of the next one.
+    agent_generation: usize,
 }
 
 fn state_path(file: &str) -> PathBuf {
@@ -184,6 +188,8 @@ impl Lab {
             kube: None,
             replicas: Vec::new(),
             controlplane_health: None,
+            draining: Vec::new(),
+            agent_generation: 0,
         };
         // From here on, a failure tears down what was made (Drop).
         lab.build(pods, options)?;
@@ -689,6 +695,11 @@ impl Lab {
     /// Starts the agent of node `index` with the lab's arguments, its output appended to its
     /// log.
     fn spawn_agent(&mut self, index: usize) -> anyhow::Result<Child> {
+        self.spawn_agent_in(index, None)
+    }
+
+    /// [`Self::spawn_agent`], in `cgroup` when given (else the caller's).
+    fn spawn_agent_in(&mut self, index: usize, cgroup: Option<&Path>) -> anyhow::Result<Child> {
         let node = self
             .topology
             .nodes
@@ -723,7 +734,7 @@ impl Lab {
             )
             .stdout(log.try_clone()?)
             .stderr(log);
-        enter_on_exec(&mut agent, &node.netns, None)?;
+        enter_on_exec(&mut agent, &node.netns, cgroup)?;
         let child = agent
             .spawn()
             .with_context(|| format!("starting the agent of {}", node.name))?;
@@ -754,6 +765,77 @@ impl Lab {
                 log_tail(&self.topology.nodes[index].agent_log, 30)
             )
         })
+    }
+
+    /// A rolling upgrade of `node`'s agent: starts a second agent beside the running one, in a
+    /// cgroup of its own (as a new DaemonSet pod is), and returns once it has taken the node
+    /// over. The old agent drains and exits by itself: see [`Self::wait_drained`].
+    pub fn upgrade_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        const TOOK_OVER: &str = "took the node over from the previous agent";
+        let index = self.node_index(node)?;
+        let log = self.topology.nodes[index].agent_log.clone();
+        let before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(TOOK_OVER)
+            .count();
+        self.agent_generation += 1;
+        let cgroup = Path::new(crate::CGROUP_ROOT)
+            .join("agents")
+            .join(format!("{node}-{}", self.agent_generation));
+        cgroup::create(&cgroup)?;
+        let mut child = self.spawn_agent_in(index, Some(&cgroup))?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.matches(TOOK_OVER).count() > before {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "the new agent of {node} exited ({status}) before taking over; its log ends:\n{}",
+                    log_tail(&log, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the new agent of {node} did not take over within 90 s; its log ends:\n{}",
+                    log_tail(&log, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let old = std::mem::replace(&mut self.children[index + 1], child);
+        self.draining.push((node.to_string(), old));
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) for the agents that handed their nodes over to exit, and
+    /// returns (node, exit status) for each.
+    pub fn wait_drained(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<(String, std::process::ExitStatus)>> {
+        let deadline = Instant::now() + timeout;
+        let mut done = Vec::new();
+        while !self.draining.is_empty() {
+            let mut i = 0;
+            while i < self.draining.len() {
+                if let Some(status) = self.draining[i].1.try_wait()? {
+                    let (node, _) = self.draining.remove(i);
+                    done.push((node, status));
+                } else {
+                    i += 1;
+                }
+            }
+            if Instant::now() > deadline {
+                let left: Vec<&str> = self.draining.iter().map(|(n, _)| n.as_str()).collect();
+                bail!("the old agents of {left:?} still run after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(done)
     }
 
     /// Kills the agent of `node` with SIGKILL (a crash), and waits for it to be gone.
@@ -895,6 +977,8 @@ impl Lab {
         self.torn_down = true;
         self.children
             .extend(self.replicas.drain(..).map(|(_, child)| child));
+        self.children
+            .extend(self.draining.drain(..).map(|(_, child)| child));
         for child in &mut self.children {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),

@@ -30,18 +30,32 @@ struct AdminState {
     pods: Arc<PodRegistry>,
 }
 
-/// Binds the admin API; serving starts when the returned future is polled.
-pub async fn serve(
-    addr: SocketAddr,
+/// Binds `addr` for the admin API or the metrics listener (non-blocking, for the runtime).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, AdminError> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    Ok(listener)
+}
+
+/// Serves the admin API on `listener` (see [`bind`]) until the agent drains; serving starts
+/// when the returned future is polled.
+pub fn serve(
+    listener: std::net::TcpListener,
     agent: Arc<NodeAgent>,
     pods: Arc<PodRegistry>,
 ) -> Result<impl std::future::Future<Output = std::io::Result<()>>, AdminError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the admin API is not on loopback: anyone who reaches it can read the mesh's configuration");
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|source| AdminError::Bind { addr, source })?;
+    let drain = agent.drain.clone();
     let router = Router::new()
         .route("/", get(index))
         .route("/status", get(status))
@@ -58,31 +72,41 @@ pub async fn serve(
         .route("/logging", post(logging))
         .with_state(AdminState { agent, pods });
     tracing::info!(%addr, "admin API listening");
-    Ok(async move { axum::serve(listener, router).await })
+    Ok(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { drain.signaled().await })
+            .await
+    })
 }
 
 /// Binds the metrics listener: `/metrics` and `/healthz/ready` only, for Prometheus and the
 /// kubelet's readiness probe on the node's address (a hostNetwork pod's probe and scrape go
 /// to the node's IP, which the admin API must never be on). Nothing here reads keys or the
 /// mesh's configuration; connections are capped and timed out ([`meshlet_plainhttp`]).
-pub async fn serve_metrics(
-    addr: SocketAddr,
+/// Stops with the drain (a successor serves them then).
+pub fn serve_metrics(
+    listener: std::net::TcpListener,
     agent: Arc<NodeAgent>,
     pods: Arc<PodRegistry>,
 ) -> Result<impl std::future::Future<Output = ()>, AdminError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let listener = tokio::net::TcpListener::from_std(listener)
         .map_err(|source| AdminError::Bind { addr, source })?;
+    let drain = agent.drain.clone();
     let router = Router::new()
         .route("/healthz/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(AdminState { agent, pods });
     tracing::info!(%addr, "metrics and readiness listening");
-    Ok(meshlet_plainhttp::serve(
-        listener,
-        router,
-        meshlet_plainhttp::Limits::default(),
-    ))
+    let serve = meshlet_plainhttp::serve(listener, router, meshlet_plainhttp::Limits::default());
+    Ok(async move {
+        tokio::select! {
+            () = serve => {}
+            () = drain.signaled() => {}
+        }
+    })
 }
 
 /// An error answer: the status and a message that says what to do.

@@ -134,9 +134,17 @@ pub(crate) async fn handle_connection(
     // it, it expires) closes the TLS connection and every stream on it.
     tokio::pin!(untrusted);
     tokio::pin!(keepalive);
+    let mut going_away = false;
     loop {
         let request = tokio::select! {
             request = connection.accept() => request,
+            // Handed over: a GOAWAY, so that the peer opens its next streams on a new
+            // connection (to the successor); the streams in flight finish here.
+            () = agent.drain.signaled(), if !going_away => {
+                going_away = true;
+                connection.graceful_shutdown();
+                continue;
+            }
             rejection = &mut untrusted => {
                 tracing::warn!(target: "audit", event = "tunnel_closed", direction = "inbound",
                     dst_workload = %local.display_name(), %peer, src_identity = %peer_identity,

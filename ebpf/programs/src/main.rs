@@ -87,15 +87,17 @@ mod programs {
     #[map(name = "CAPTURE_EXEMPT_V2")]
     static CAPTURE_EXEMPT: HashMap<ExemptKey, u32> = HashMap::with_max_entries(65_536, 0);
 
-    /// The agent's deliveries in progress (see `DeliveryKey`); not pinned, they are the
-    /// running agent's own.
+    /// The agents' deliveries in progress (see `DeliveryKey`). Pinned: during a handover the
+    /// predecessor still delivers the streams it accepted while its successor's capture
+    /// program is already the one attached; each entry lives only while its SYN is sent.
     #[map(name = "DELIVERIES")]
-    static DELIVERIES: HashMap<DeliveryKey, u32> = HashMap::with_max_entries(65_536, 0);
+    static DELIVERIES: HashMap<DeliveryKey, u32> = HashMap::pinned(65_536, 0);
 
-    /// The cgroup (v2 id) of the agent that loaded these programs; its sockets are never
-    /// redirected. Not pinned: each agent's programs carry their own.
+    /// The cgroups (v2 ids) of the agent that loaded these programs (slot 0) and, during a
+    /// handover, of the predecessor it takes over from (slot 1; 0 when none): their sockets
+    /// are never redirected. Not pinned: each agent's programs carry their own.
     #[map(name = "AGENT_CGROUP")]
-    static AGENT_CGROUP: Array<u64> = Array::with_max_entries(1, 0);
+    static AGENT_CGROUP: Array<u64> = Array::with_max_entries(2, 0);
 
     /// Redirect counters, see `meshlet_common::stats`.
     #[map(name = "STATS")]
@@ -161,11 +163,14 @@ mod programs {
     /// set the agent's mark and so send plaintext past the mesh.
     #[inline(always)]
     fn is_agent() -> bool {
-        let Some(&agent) = AGENT_CGROUP.get(0) else {
-            return false;
-        };
         // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
-        agent != 0 && unsafe { bpf_get_current_cgroup_id() } == agent
+        let current = unsafe { bpf_get_current_cgroup_id() };
+        let is = |slot: u32| {
+            AGENT_CGROUP
+                .get(slot)
+                .is_some_and(|&id| id != 0 && id == current)
+        };
+        is(0) || is(1)
     }
 
     /// Common part of connect4/connect6: returns the rewrite to apply, if any.

@@ -17,7 +17,8 @@ fn usage() -> ! {
          meshlet-lab-probe hold IP:PORT COUNT SECS\n  \
          meshlet-lab-probe ping IP:PORT SECS\n  \
          meshlet-lab-probe bind PORT\n  \
-         meshlet-lab-probe many IP:PORT COUNT"
+         meshlet-lab-probe many IP:PORT COUNT\n  \
+         meshlet-lab-probe load IP:PORT RATE SECS STREAMS"
     );
     std::process::exit(2)
 }
@@ -32,6 +33,7 @@ fn main() {
         Some("ping") => ping(&args[1..]),
         Some("bind") => bind(&args[1..]),
         Some("many") => many(&args[1..]),
+        Some("load") => load(&args[1..]),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -349,6 +351,162 @@ fn many(args: &[String]) -> std::io::Result<()> {
     println!(
         "{}",
         serde_json::json!({ "ok": ok, "failed": failed, "peers": peers, "errors": errors })
+    );
+    Ok(())
+}
+
+/// Steady load for SECS seconds: RATE new short connections a second (64 bytes echoed, on two
+/// threads) and STREAMS long-lived connections that stream data the whole time, each checked
+/// end to end by SHA-256 of what went and what came back. Prints one JSON report: every
+/// failure counts (a refused or reset connection, a short or corrupted echo).
+fn load(args: &[String]) -> std::io::Result<()> {
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| usage());
+    let arg = |i: usize, max: u64| -> u64 {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .filter(|n| *n <= max)
+            .unwrap_or_else(|| usage())
+    };
+    let (rate, secs, streams) = (arg(1, 2_000), arg(2, 3_600), arg(3, 200));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let note = |errors: &std::sync::Mutex<Vec<String>>, what: String| {
+        let mut errors = errors.lock().unwrap_or_else(|e| e.into_inner());
+        if errors.len() < 20 {
+            errors.push(what);
+        }
+    };
+    // Long-lived: a writer paces 16 KiB blocks, a reader hashes the echo.
+    let long: Vec<_> = (0..streams)
+        .map(|n| {
+            let errors = errors.clone();
+            std::thread::spawn(move || -> Result<u64, String> {
+                let one = || -> std::io::Result<u64> {
+                    let stream = connect(to, None)?;
+                    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    let mut reader = stream.try_clone()?;
+                    let echo = std::thread::spawn(move || -> std::io::Result<(u64, Vec<u8>)> {
+                        let mut hash = Sha256::new();
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut total = 0u64;
+                        loop {
+                            let got = reader.read(&mut buf)?;
+                            if got == 0 {
+                                return Ok((total, hash.finalize().to_vec()));
+                            }
+                            hash.update(&buf[..got]);
+                            total += got as u64;
+                        }
+                    });
+                    let mut writer = stream;
+                    let mut hash = Sha256::new();
+                    let mut sent = 0u64;
+                    let mut block = vec![0u8; 16 * 1024];
+                    let mut i = 0u64;
+                    while Instant::now() < until {
+                        for (j, b) in block.iter_mut().enumerate() {
+                            *b = (n as u8) ^ (i as u8).wrapping_mul(31) ^ (j as u8);
+                        }
+                        writer.write_all(&block)?;
+                        hash.update(&block);
+                        sent += block.len() as u64;
+                        i += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    writer.shutdown(Shutdown::Write)?;
+                    let (received, echoed) = echo
+                        .join()
+                        .map_err(|_| std::io::Error::other("reader panicked"))??;
+                    if received != sent || echoed != hash.finalize().to_vec() {
+                        return Err(std::io::Error::other(format!(
+                            "sent {sent} bytes, {received} came back, checksums differ"
+                        )));
+                    }
+                    Ok(sent)
+                };
+                one().map_err(|e| {
+                    let what = format!("long {n} at {:?}: {e}", started.elapsed());
+                    note(&errors, what.clone());
+                    what
+                })
+            })
+        })
+        .collect();
+    // Short: two threads, each on its own schedule of RATE/2 a second.
+    let per_thread = (rate / 2).max(1);
+    let short: Vec<_> = (0..2u64)
+        .map(|t| {
+            let errors = errors.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let interval = Duration::from_secs(1) / per_thread as u32;
+                let mut i = 0u32;
+                loop {
+                    let due = started + interval * i + interval * t as u32 / 2;
+                    if due >= until {
+                        break;
+                    }
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let one = || -> std::io::Result<()> {
+                        let mut stream = connect(to, None)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        let request: Vec<u8> =
+                            (0..64).map(|b| (b as u8) ^ (i as u8) ^ (t as u8)).collect();
+                        stream.write_all(&request)?;
+                        stream.shutdown(Shutdown::Write)?;
+                        let mut answer = Vec::new();
+                        stream.read_to_end(&mut answer)?;
+                        if answer != request {
+                            return Err(std::io::Error::other(format!(
+                                "echo of {} bytes did not match",
+                                answer.len()
+                            )));
+                        }
+                        Ok(())
+                    };
+                    match one() {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            note(&errors, format!("short at {:?}: {e}", started.elapsed()));
+                        }
+                    }
+                    i += 1;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut short_ok, mut short_failed) = (0u64, 0u64);
+    for t in short {
+        let (ok, failed) = t.join().unwrap_or((0, 1));
+        short_ok += ok;
+        short_failed += failed;
+    }
+    let (mut long_ok, mut long_failed, mut long_bytes) = (0u64, 0u64, 0u64);
+    for t in long {
+        match t.join() {
+            Ok(Ok(bytes)) => {
+                long_ok += 1;
+                long_bytes += bytes;
+            }
+            _ => long_failed += 1,
+        }
+    }
+    let errors = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    println!(
+        "{}",
+        serde_json::json!({
+            "short_ok": short_ok, "short_failed": short_failed,
+            "long_ok": long_ok, "long_failed": long_failed, "long_bytes": long_bytes,
+            "secs": started.elapsed().as_secs_f64(), "errors": errors,
+        })
     );
     Ok(())
 }
