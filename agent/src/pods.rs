@@ -595,6 +595,11 @@ impl PodRegistry {
             .unwrap_or_default()
     }
 
+    /// Whether this agent is handing the node over to a successor right now.
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over().is_some()
+    }
+
     /// Whether this agent is handing the node over (enrollment paused).
     fn handing_over(&self) -> Option<()> {
         self.handing_over

@@ -140,6 +140,13 @@ pub struct AgentConfig {
     /// run before it exits (a rolling upgrade: new connections go to the successor at once).
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Seconds this agent, told to stop (SIGTERM), waits for a successor to take the node
+    /// over before it stops; and a handover under way by then is finished. In a DaemonSet the
+    /// rolling update stops the old pod once the new one looks ready, and its readiness probe
+    /// reaches the port both agents share, so that may come before the new agent has taken
+    /// over. 0: stop at once (traffic of the node's pods is refused until an agent runs).
+    #[arg(long, default_value_t = 0)]
+    pub handover_grace: u64,
     /// `/metrics` and `/healthz/ready` only, e.g. on the node's address for Prometheus and
     /// the kubelet's readiness probe (`0.0.0.0:15020` in the DaemonSet). Off when unset.
     #[arg(long)]
@@ -484,17 +491,30 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         agent.drain.clone(),
     ));
     tracing::info!(node = %config.node, socket = %socket.display(), "meshlet agent ready for pods");
-    tokio::select! {
-        () = shutdown_signal() => {
-            tracing::info!("meshlet agent stopping");
+    let mut handed_over = std::pin::pin!(handed_over);
+    let mut stop_by: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            successor = &mut handed_over => {
+                // Kept open until this process exits: the successor learns so that it has gone.
+                let _successor = successor.context("handover task")?;
+                drain_connections(&agent, Duration::from_secs(config.drain_timeout)).await;
+                return Ok(());
+            }
+            () = shutdown_signal(), if stop_by.is_none() => {
+                stop_by = Some(tokio::time::Instant::now() + Duration::from_secs(config.handover_grace));
+                if config.handover_grace > 0 {
+                    tracing::info!(grace_secs = config.handover_grace,
+                        "told to stop: waiting for a successor to take the node over (--handover-grace)");
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)), if stop_by.is_some() => {}
         }
-        successor = handed_over => {
-            // Kept open until this process exits: the successor learns so that it has gone.
-            let _successor = successor.context("handover task")?;
-            drain_connections(&agent, Duration::from_secs(config.drain_timeout)).await;
+        if stop_by.is_some_and(|t| tokio::time::Instant::now() >= t) && !pods.is_handing_over() {
+            tracing::info!("meshlet agent stopping");
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// How long a successor may take to follow the control plane and hold every pod's

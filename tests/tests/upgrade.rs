@@ -65,10 +65,17 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
     );
     let count = |key: &str| report[key].as_u64().unwrap_or(u64::MAX);
     assert_eq!(count("short_failed"), 0, "new connections failed: {report}");
-    assert_eq!(count("long_failed"), 0, "long-lived connections broke: {report}");
+    assert_eq!(
+        count("long_failed"),
+        0,
+        "long-lived connections broke: {report}"
+    );
     assert_eq!(count("long_ok"), 20, "{report}");
     // The schedule is 200 a second; a loaded two-core machine may lag, never fail.
-    assert!(count("short_ok") >= 100 * secs, "too few connections ran: {report}");
+    assert!(
+        count("short_ok") >= 100 * secs,
+        "too few connections ran: {report}"
+    );
 
     // The old agents end by themselves once their connections have (well before the drain
     // deadline: the long-lived ones ended with the load), and say so.
@@ -77,14 +84,24 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
         .expect("old agents exit");
     assert_eq!(drained.len(), 2, "{drained:?}");
     for (node, status) in &drained {
-        assert!(status.success(), "the old agent of {node} exited with {status}");
+        assert!(
+            status.success(),
+            "the old agent of {node} exited with {status}"
+        );
     }
     for node in ["node-1", "node-2"] {
         let log = lab.agent_log(node);
         for line in log.lines().filter(|l| {
-            ["taking over", "taken over", "took the node", "handed over", "drain", "gone"]
-                .iter()
-                .any(|w| l.contains(w))
+            [
+                "taking over",
+                "taken over",
+                "took the node",
+                "handed over",
+                "drain",
+                "gone",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
         }) {
             println!("{node}: {line}");
         }
