@@ -34,7 +34,7 @@ use meshlet_proto::{
     cni_socket::{self, MAX_FDS},
     v1::{
         handover_message::Kind, HandoverEnd, HandoverHello, HandoverHost, HandoverMessage,
-        HandoverPod, HandoverReleased, HandoverTaken, ListenerKind,
+        HandoverPause, HandoverPaused, HandoverPod, HandoverReleased, HandoverTaken, ListenerKind,
     },
 };
 use nix::sys::socket::{self, sockopt, SockFlag};
@@ -98,6 +98,8 @@ fn name(kind: &Kind) -> String {
         Kind::End(_) => "end",
         Kind::Taken(_) => "taken",
         Kind::Released(_) => "released",
+        Kind::Pause(_) => "pause",
+        Kind::Paused(_) => "paused",
     }
     .into()
 }
@@ -225,6 +227,20 @@ impl Predecessor {
         Some(self.host.remove(at).1)
     }
 
+    /// Asks the predecessor to stop accepting for a moment (until taken, or this agent goes):
+    /// needed when this agent's programs record connections into maps of another layout,
+    /// which the predecessor does not read. Blocking.
+    pub fn pause(&self) -> Result<(), HandoverError> {
+        send(self.socket.as_fd(), Kind::Pause(HandoverPause {}), &[])?;
+        match recv(self.socket.as_fd())?.0 {
+            Kind::Paused(_) => Ok(()),
+            other => Err(HandoverError::Unexpected {
+                expected: "paused",
+                got: name(&other),
+            }),
+        }
+    }
+
     /// Tells the predecessor that this agent accepts on every socket now. Returns the pods
     /// whose removal the predecessor was asked for meanwhile. Blocking.
     pub fn taken(&self) -> Result<Vec<String>, HandoverError> {
@@ -346,8 +362,9 @@ pub async fn serve(
         };
         let offered = handed.len();
         let estate_for_offer = estate.clone();
+        let registry = pods.clone();
         let offer = tokio::task::spawn_blocking(move || {
-            offer(&conn, &handed, &estate_for_offer).map(|()| conn)
+            offer(&conn, &handed, &estate_for_offer, &registry).map(|()| conn)
         })
         .await;
         let conn = match offer {
@@ -382,8 +399,14 @@ pub async fn serve(
     }
 }
 
-/// Sends hello, the pods, the host sockets and end; waits for taken. Blocking.
-fn offer(conn: &OwnedFd, handed: &[HandedPod], estate: &Estate) -> Result<(), HandoverError> {
+/// Sends hello, the pods, the host sockets and end; waits for taken (pausing the pods'
+/// listeners when asked). Blocking.
+fn offer(
+    conn: &OwnedFd,
+    handed: &[HandedPod],
+    estate: &Estate,
+    pods: &PodRegistry,
+) -> Result<(), HandoverError> {
     set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
     send(
         conn.as_fd(),
@@ -419,12 +442,24 @@ fn offer(conn: &OwnedFd, handed: &[HandedPod], estate: &Estate) -> Result<(), Ha
     send(conn.as_fd(), Kind::Host(message), &fds)?;
     send(conn.as_fd(), Kind::End(HandoverEnd {}), &[])?;
     set_timeouts(conn.as_fd(), TAKEN_TIMEOUT)?;
-    match recv(conn.as_fd())?.0 {
-        Kind::Taken(_) => Ok(()),
-        other => Err(HandoverError::Unexpected {
-            expected: "taken",
-            got: name(&other),
-        }),
+    let mut paused = false;
+    loop {
+        match recv(conn.as_fd())?.0 {
+            Kind::Taken(_) => return Ok(()),
+            Kind::Pause(_) if !paused => {
+                paused = true;
+                pods.pause_accepting();
+                tracing::info!("the new agent changes the map layout: pod listeners paused");
+                set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
+                send(conn.as_fd(), Kind::Paused(HandoverPaused {}), &[])?;
+            }
+            other => {
+                return Err(HandoverError::Unexpected {
+                    expected: "taken",
+                    got: name(&other),
+                })
+            }
+        }
     }
 }
 

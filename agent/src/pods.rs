@@ -509,6 +509,12 @@ impl PodRegistry {
         self.accepting.send_replace(true);
     }
 
+    /// Predecessor: the listeners stop accepting until the handover ends (connections wait
+    /// in the sockets' queues for the successor, or for this agent if the handover fails).
+    pub fn pause_accepting(&self) {
+        self.accepting.send_replace(false);
+    }
+
     /// Predecessor: stops enrolling (new pods are told to retry; removals are kept for the
     /// successor) and lists every pod with copies of its namespace and listening sockets.
     /// Waits (at most `wait`) for enrollments under way to finish, so that none is missed.
@@ -558,6 +564,7 @@ impl PodRegistry {
 
     /// Predecessor, the handover failed: enrolls again, and does the removals it held back.
     pub fn abort_handover(&self) {
+        self.accepting.send_replace(true);
         let removed = self
             .handing_over
             .lock()
@@ -853,12 +860,22 @@ async fn accept_loop<F, Fut>(
     F: Fn(Arc<NodeAgent>, Arc<PodHandle>, TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    // A successor waits until it is ready (meanwhile its predecessor accepts).
-    if accepting.wait_for(|a| *a).await.is_err() {
-        return;
-    }
     loop {
-        match listener.accept().await {
+        // A successor waits until it is ready (meanwhile its predecessor accepts); a
+        // predecessor pauses while its successor switches the map layout.
+        if !*accepting.borrow_and_update() && accepting.wait_for(|a| *a).await.is_err() {
+            return;
+        }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = accepting.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(agent.clone(), pod.clone(), stream, peer));

@@ -48,6 +48,12 @@ pub enum RedirectError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("cannot migrate the entries of eBPF map {name} from {from} (another map layout): {detail}; stop the running agent, then start this one")]
+    Migrate {
+        name: &'static str,
+        from: PathBuf,
+        detail: String,
+    },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("eBPF program {0} is missing from the object")]
@@ -88,6 +94,108 @@ pub struct Redirect {
     /// This agent's cgroup (v2 id), and the programs' copy of it and of a predecessor's.
     agent_cgroup: u64,
     agent_cgroups: Mutex<aya::maps::Array<MapData, u64>>,
+    /// Pins of maps of other layout versions, removed once no agent uses them.
+    other_layouts: Mutex<Vec<PathBuf>>,
+}
+
+/// The maps that outlive the agent (pinned), each with its layout version. A map whose key or
+/// value changes gets a new version (and a conversion in [`migrate`]): a new agent then pins
+/// a new map beside the old one and copies the entries over; unchanged maps are shared by an
+/// agent and its successor, and by an agent and the one restarted after it.
+///
+/// `DELIVERIES` is not here: its layout is frozen. During a handover the predecessor still
+/// delivers (and names each delivery there) while the successor's capture programs are the
+/// ones attached, so both must use one map; a new layout of it would need a new map name and
+/// an upgrade that stops the old agent first.
+const PINNED_MAPS: &[(&str, u32)] = &[
+    ("ENROLLED", 1),
+    ("INBOUND_CAPTURE", 1),
+    ("ORIG_DST_BY_COOKIE_V2", 1),
+    ("ORIG_DST_BY_CONN_V2", 1),
+    ("STATS", 1),
+];
+/// The pinned maps' folder in the pin folder.
+const MAPS_DIR: &str = "maps";
+
+/// Whether an agent with `layout_bump` would pin any map in another layout version than the
+/// maps pinned under `pin_dir` now (a predecessor's or a previous agent's).
+pub fn layout_changes(pin_dir: &Path, layout_bump: u32) -> bool {
+    PINNED_MAPS.iter().any(|&(name, version)| {
+        let version = version + layout_bump;
+        !map_pin(pin_dir, name, version).exists()
+            && !other_layout_pins(pin_dir, name, version).is_empty()
+    })
+}
+
+/// Where version `version` of map `name` is pinned.
+fn map_pin(pin_dir: &Path, name: &str, version: u32) -> PathBuf {
+    pin_dir.join(MAPS_DIR).join(format!("{name}-v{version}"))
+}
+
+/// The pins of map `name` in other versions than `current`, newest first: versioned ones,
+/// and the unversioned pin in the pin folder itself (agents from before map versions).
+fn other_layout_pins(pin_dir: &Path, name: &str, current: u32) -> Vec<PathBuf> {
+    let prefix = format!("{name}-v");
+    let mut pins: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(pin_dir.join(MAPS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|v| v != current)
+        })
+        .map(|e| e.path())
+        .chain(Some(pin_dir.join(name)).filter(|p| p.exists()))
+        .map(|p| {
+            let modified = std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (modified, p)
+        })
+        .collect();
+    pins.sort_by_key(|p| std::cmp::Reverse(p.0));
+    pins.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Copies the entries of the newest other-layout pin of map `name` into `into` (the map of
+/// this agent's layout). The kernel checks the key and value sizes when the old map is opened
+/// as this layout's types: a layout whose entries differ needs its conversion written here,
+/// and until it is, the agent refuses to start (the running agent, or the pinned programs
+/// that refuse the pods' connects, keep the node fail-closed).
+fn migrate<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+    layout_bump: u32,
+    into: &mut HashMap<MapData, K, V>,
+) -> Result<(), RedirectError> {
+    let current = PINNED_MAPS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v + layout_bump)
+        .unwrap_or(0);
+    let Some(from) = other_layout_pins(pin_dir, name, current).into_iter().next() else {
+        return Ok(());
+    };
+    let error = |detail: String| RedirectError::Migrate {
+        name,
+        from: from.clone(),
+        detail,
+    };
+    let data = MapData::from_pin(&from).map_err(|e| error(e.to_string()))?;
+    let old: HashMap<MapData, K, V> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| error(e.to_string()))?;
+    let mut copied = 0usize;
+    for entry in old.iter() {
+        let (key, value) = entry.map_err(|e| error(e.to_string()))?;
+        into.insert(key, value, 0)
+            .map_err(|e| error(format!("copying an entry: {e}")))?;
+        copied += 1;
+    }
+    tracing::info!(map = name, from = %from.display(), copied, "map entries migrated from another layout");
+    Ok(())
 }
 
 /// A delivery let past inbound capture; the pass ends when this drops.
@@ -141,16 +249,27 @@ impl Redirect {
         pin_dir: &Path,
         max_connections: u32,
         predecessor_cgroup: Option<u64>,
+        layout_bump: u32,
     ) -> Result<Self, RedirectError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| RedirectError::PinDir {
-            path: pin_dir.to_path_buf(),
+        let maps_dir = pin_dir.join(MAPS_DIR);
+        std::fs::create_dir_all(&maps_dir).map_err(|source| RedirectError::PinDir {
+            path: maps_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(&maps_dir)
             .map_max_entries("ORIG_DST_BY_COOKIE_V2", max_connections)
-            .map_max_entries("ORIG_DST_BY_CONN_V2", max_connections)
-            .load(PROGRAMS)?;
+            .map_max_entries("ORIG_DST_BY_CONN_V2", max_connections);
+        // Each pinned map at the path of its layout version; pins of other versions (a
+        // predecessor's, or a previous agent's) are migrated from and removed once unused.
+        let mut other_layouts = Vec::new();
+        for &(name, version) in PINNED_MAPS {
+            let version = version + layout_bump;
+            loader.map_pin_path(name, map_pin(pin_dir, name, version));
+            other_layouts.extend(other_layout_pins(pin_dir, name, version));
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         start_kernel_log(&mut ebpf);
         // Before anything is attached: the programs know the agent by its cgroup.
         let agent_cgroup = own_cgroup_id()?;
@@ -172,6 +291,18 @@ impl Redirect {
                     })?;
             }
         }
+        let mut enrolled: HashMap<MapData, u64, EnrollmentFlags> = take_map(&mut ebpf, "ENROLLED")?;
+        let mut capture: HashMap<MapData, [u32; 4], CaptureFlags> =
+            take_map(&mut ebpf, "INBOUND_CAPTURE")?;
+        let mut by_cookie: HashMap<MapData, u64, OriginalDst> =
+            take_map(&mut ebpf, "ORIG_DST_BY_COOKIE_V2")?;
+        let mut original_dst: HashMap<MapData, ConnectionKey, OriginalDst> =
+            take_map(&mut ebpf, "ORIG_DST_BY_CONN_V2")?;
+        // A new layout starts where the old one is: which pods are enrolled and which
+        // addresses captured, before the new programs are attached (no moment in which an
+        // enrolled pod's connects leave unredirected).
+        migrate(pin_dir, "ENROLLED", layout_bump, &mut enrolled)?;
+        migrate(pin_dir, "INBOUND_CAPTURE", layout_bump, &mut capture)?;
         let cgroup_file = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -203,11 +334,13 @@ impl Redirect {
             links.push(attach_link!(CgroupSockAddr, name));
         }
         links.push(attach_link!(SockOps, "sock_ops"));
-        let capture: &mut SkLookup = program_mut(&mut ebpf, CAPTURE_PROGRAM)?;
-        capture.load().map_err(|source| RedirectError::Program {
-            name: CAPTURE_PROGRAM,
-            source,
-        })?;
+        let capture_program: &mut SkLookup = program_mut(&mut ebpf, CAPTURE_PROGRAM)?;
+        capture_program
+            .load()
+            .map_err(|source| RedirectError::Program {
+                name: CAPTURE_PROGRAM,
+                source,
+            })?;
         // Pinned links outlive the agent: while it is gone, enrolled pods' connects still go
         // to 127.0.0.1:15001, where nothing listens, so they are refused rather than leaving in
         // plaintext. A new agent replaces the old pins (the new links are attached first, so
@@ -218,9 +351,21 @@ impl Redirect {
             link.pin(&path)
                 .map_err(|source| RedirectError::Pin { path, source })?;
         }
-        let enrolled = take_map(&mut ebpf, "ENROLLED")?;
-        let original_dst = take_map(&mut ebpf, "ORIG_DST_BY_CONN_V2")?;
-        let capture = take_map(&mut ebpf, "INBOUND_CAPTURE")?;
+        // The old programs are detached now: the original destinations they recorded (the
+        // connections that wait to be accepted) are copied over. Nothing accepts on this
+        // agent's side yet; a predecessor reads its own maps.
+        migrate(
+            pin_dir,
+            "ORIG_DST_BY_COOKIE_V2",
+            layout_bump,
+            &mut by_cookie,
+        )?;
+        migrate(
+            pin_dir,
+            "ORIG_DST_BY_CONN_V2",
+            layout_bump,
+            &mut original_dst,
+        )?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
         let exempt: HashMap<MapData, ExemptKey, u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT_V2")?;
         let deliveries = take_map(&mut ebpf, "DELIVERIES")?;
@@ -239,12 +384,29 @@ impl Redirect {
             stats,
             agent_cgroup,
             agent_cgroups: Mutex::new(agent_cgroups),
+            other_layouts: Mutex::new(other_layouts),
         })
     }
 
     /// This agent's cgroup (v2 id), which its programs know it by; a successor is told it.
     pub fn agent_cgroup(&self) -> u64 {
         self.agent_cgroup
+    }
+
+    /// Removes the pins of maps of other layout versions (no agent uses them any more: the
+    /// predecessor has gone, or there was none).
+    pub fn forget_other_layouts(&self) {
+        let pins =
+            std::mem::take(&mut *self.other_layouts.lock().unwrap_or_else(|e| e.into_inner()));
+        for pin in pins {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(pin = %pin.display(), "map of another layout unpinned"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(pin = %pin.display(), "cannot unpin a map of another layout: {e}")
+                }
+            }
+        }
     }
 
     /// Stops exempting the predecessor's cgroup (it has finished and gone).

@@ -147,6 +147,10 @@ pub struct AgentConfig {
     /// over. 0: stop at once (traffic of the node's pods is refused until an agent runs).
     #[arg(long, default_value_t = 0)]
     pub handover_grace: u64,
+    /// Tests only: adds this to every pinned map's layout version, as an agent whose map
+    /// layout differs from the running one's would (the upgrade test's migration case).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_map_layout_bump: u32,
     /// `/metrics` and `/healthz/ready` only, e.g. on the node's address for Prometheus and
     /// the kubelet's readiness probe (`0.0.0.0:15020` in the DaemonSet). Off when unset.
     #[arg(long)]
@@ -256,12 +260,27 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
+    // Programs recording into maps of another layout: the predecessor must not accept
+    // meanwhile (it would not find what they record); it pauses until this agent accepts.
+    if crate::redirect::layout_changes(&config.bpf_pin_dir, config.test_map_layout_bump) {
+        if let Some(p) = predecessor.take() {
+            let (p, paused) = tokio::task::spawn_blocking(move || {
+                let paused = p.pause();
+                (p, paused)
+            })
+            .await
+            .context("handover task")?;
+            paused.context("asking the running agent to pause for the map-layout change")?;
+            predecessor = Some(p);
+        }
+    }
     let redirect = Arc::new(
         Redirect::attach(
             &config.pod_cgroup,
             &config.bpf_pin_dir,
             config.max_redirected_connections,
             predecessor.as_ref().map(|p| p.cgroup_id),
+            config.test_map_layout_bump,
         )
         .context("attaching the eBPF redirect")?,
     );
@@ -334,6 +353,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         // Every pod a previous agent enrolled, adopted again before any new pod is taken.
         None => {
             pods.adopt().await;
+            agent.redirect.forget_other_layouts();
         }
     }
 
@@ -480,6 +500,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         std::thread::spawn(move || {
             predecessor.wait_gone();
             redirect.forget_predecessor();
+            redirect.forget_other_layouts();
             tracing::info!("the previous agent has finished and gone");
         });
     }

@@ -695,11 +695,17 @@ impl Lab {
     /// Starts the agent of node `index` with the lab's arguments, its output appended to its
     /// log.
     fn spawn_agent(&mut self, index: usize) -> anyhow::Result<Child> {
-        self.spawn_agent_in(index, None)
+        self.spawn_agent_in(index, None, &[])
     }
 
-    /// [`Self::spawn_agent`], in `cgroup` when given (else the caller's).
-    fn spawn_agent_in(&mut self, index: usize, cgroup: Option<&Path>) -> anyhow::Result<Child> {
+    /// [`Self::spawn_agent`], in `cgroup` when given (else the caller's), with `extra`
+    /// arguments.
+    fn spawn_agent_in(
+        &mut self,
+        index: usize,
+        cgroup: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Child> {
         let node = self
             .topology
             .nodes
@@ -728,6 +734,7 @@ impl Lab {
         };
         agent
             .args(&self.agent_args[index])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("MESHLET_LOG").unwrap_or_else(|_| "info".into()),
@@ -771,6 +778,11 @@ impl Lab {
     /// cgroup of its own (as a new DaemonSet pod is), and returns once it has taken the node
     /// over. The old agent drains and exits by itself: see [`Self::wait_drained`].
     pub fn upgrade_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.upgrade_agent_with(node, &[])
+    }
+
+    /// [`Self::upgrade_agent`], the new agent with `extra` arguments.
+    pub fn upgrade_agent_with(&mut self, node: &str, extra: &[&str]) -> anyhow::Result<()> {
         const TOOK_OVER: &str = "took the node over from the previous agent";
         let index = self.node_index(node)?;
         let log = self.topology.nodes[index].agent_log.clone();
@@ -783,7 +795,7 @@ impl Lab {
             .join("agents")
             .join(format!("{node}-{}", self.agent_generation));
         cgroup::create(&cgroup)?;
-        let mut child = self.spawn_agent_in(index, Some(&cgroup))?;
+        let mut child = self.spawn_agent_in(index, Some(&cgroup), extra)?;
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -26,6 +26,38 @@ fn pods() -> Vec<PodSpec> {
 /// have ended.
 #[test]
 fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
+    upgrade_under_load(&[]);
+}
+
+/// The same, the new agents with another layout of the pinned maps (a test flag bumps every
+/// map's layout version): each pins new maps beside the old ones, migrates the entries
+/// before its programs replace the old ones, and unpins the old maps once its predecessor
+/// has gone.
+#[test]
+fn a_rolling_upgrade_to_a_new_map_layout_migrates_the_maps_and_drops_nothing() {
+    let lab = upgrade_under_load(&["--test-map-layout-bump=1"]);
+    for node in ["node-1", "node-2"] {
+        let log = lab.agent_log(node);
+        assert!(
+            log.contains("map entries migrated from another layout"),
+            "{node}: {log}"
+        );
+        let pins = lab.topology.node(node).expect("node").bpf_pin_dir.clone();
+        let maps: Vec<String> = std::fs::read_dir(format!("{pins}/maps"))
+            .expect("maps folder")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            maps.iter().any(|m| m == "ENROLLED-v2") && !maps.iter().any(|m| m.ends_with("-v1")),
+            "{node}: old layout still pinned, or new one missing: {maps:?}"
+        );
+    }
+}
+
+/// Runs the load, upgrades node-1 then node-2 (the new agents with `extra` arguments), checks
+/// that nothing failed, and returns the lab.
+fn upgrade_under_load(extra: &[&str]) -> meshlet_lab::Lab {
     let mut lab = up(&pods());
     let api = lab.topology.pod("api").expect("api").clone();
     let to = format!("{}:8080", api.ip);
@@ -47,10 +79,12 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
         .spawn()
         .expect("load");
     std::thread::sleep(Duration::from_secs(secs / 6));
-    lab.upgrade_agent("node-1").expect("upgrade node-1");
+    lab.upgrade_agent_with("node-1", extra)
+        .expect("upgrade node-1");
     let node1_at = started.elapsed();
     std::thread::sleep(Duration::from_secs(secs / 4));
-    lab.upgrade_agent("node-2").expect("upgrade node-2");
+    lab.upgrade_agent_with("node-2", extra)
+        .expect("upgrade node-2");
     let node2_at = started.elapsed();
     let out = load.wait_with_output().expect("load output");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -63,6 +97,7 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
     println!(
         "node-1 upgraded at {node1_at:?}, node-2 at {node2_at:?}; load over {secs} s: {report}"
     );
+    print_handover_log(&lab);
     let count = |key: &str| report[key].as_u64().unwrap_or(u64::MAX);
     assert_eq!(count("short_failed"), 0, "new connections failed: {report}");
     assert_eq!(
@@ -91,20 +126,6 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
     }
     for node in ["node-1", "node-2"] {
         let log = lab.agent_log(node);
-        for line in log.lines().filter(|l| {
-            [
-                "taking over",
-                "taken over",
-                "took the node",
-                "handed over",
-                "drain",
-                "gone",
-            ]
-            .iter()
-            .any(|w| l.contains(w))
-        }) {
-            println!("{node}: {line}");
-        }
         assert!(
             log.contains("drained: every connection has ended"),
             "{node}: {log}"
@@ -116,4 +137,26 @@ fn a_rolling_upgrade_under_load_refuses_no_connection_and_resets_none() {
     assert!(ok, "after: {err} {report}");
     let (ok, status, err) = common::meshlet_cli(&lab, "node-1", &["status"]);
     assert!(ok, "status after the upgrade: {err} {status}");
+    lab
+}
+
+/// The agents' lines about the handover, and their warnings and errors.
+fn print_handover_log(lab: &meshlet_lab::Lab) {
+    const WORDS: &[&str] = &[
+        "taking over",
+        "taken over",
+        "took the node",
+        "handed over",
+        "drain",
+        "gone",
+        "migrated",
+        " WARN ",
+        " ERROR ",
+    ];
+    for node in ["node-1", "node-2"] {
+        let log = lab.agent_log(node);
+        for line in log.lines().filter(|l| WORDS.iter().any(|w| l.contains(w))) {
+            println!("{node}: {line}");
+        }
+    }
 }

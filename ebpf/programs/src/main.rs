@@ -90,6 +90,7 @@ mod programs {
     /// The agents' deliveries in progress (see `DeliveryKey`). Pinned: during a handover the
     /// predecessor still delivers the streams it accepted while its successor's capture
     /// program is already the one attached; each entry lives only while its SYN is sent.
+    /// Its layout is frozen (the agent's `PINNED_MAPS` says why).
     #[map(name = "DELIVERIES")]
     static DELIVERIES: HashMap<DeliveryKey, u32> = HashMap::pinned(65_536, 0);
 
