@@ -2,14 +2,47 @@
 //! the node over — the pods' listening sockets change hands, the old agent drains — while
 //! traffic runs. Root only; run one at a time (`cargo xtask test` does).
 use std::{
-    process::Stdio,
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use meshlet_lab::PodSpec;
+use meshlet_lab::{Lab, PodSpec};
 
 mod common;
-use common::{send, up, Server, PROBE};
+use common::{assert_only_tls, send, up, Capture, Server, PROBE};
+
+/// In the short requests of the load, to look for on the wire.
+const MARKER: &str = "MESHLET-HANDOVER-MARKER-5d1e";
+
+/// Starts the probe's load from web to `to` (see `meshlet-lab-probe load`).
+fn start_load(lab: &Lab, to: &str, rate: u32, secs: u64, streams: u32) -> Child {
+    lab.command_in("web", PROBE)
+        .expect("command")
+        .env("PROBE_FILL", MARKER)
+        .args([
+            "load",
+            to,
+            &rate.to_string(),
+            &secs.to_string(),
+            &streams.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("load")
+}
+
+/// The load's report.
+fn finish_load(load: Child) -> serde_json::Value {
+    let out = load.wait_with_output().expect("load output");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "load report: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
 
 fn pods() -> Vec<PodSpec> {
     vec![
@@ -69,15 +102,10 @@ fn upgrade_under_load(extra: &[&str]) -> meshlet_lab::Lab {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(24);
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let capture = Capture::start(&node1.netns, &lab.topology.node_link[0]);
     let started = Instant::now();
-    let load = lab
-        .command_in("web", PROBE)
-        .expect("command")
-        .args(["load", &to, "200", &secs.to_string(), "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("load");
+    let load = start_load(&lab, &to, 200, secs, 20);
     std::thread::sleep(Duration::from_secs(secs / 6));
     lab.upgrade_agent_with("node-1", extra)
         .expect("upgrade node-1");
@@ -86,14 +114,9 @@ fn upgrade_under_load(extra: &[&str]) -> meshlet_lab::Lab {
     lab.upgrade_agent_with("node-2", extra)
         .expect("upgrade node-2");
     let node2_at = started.elapsed();
-    let out = load.wait_with_output().expect("load output");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "load report: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report = finish_load(load);
+    // Not one request in the clear on the wire between the nodes, handovers included.
+    assert_only_tls(&capture.finish(), MARKER);
     println!(
         "node-1 upgraded at {node1_at:?}, node-2 at {node2_at:?}; load over {secs} s: {report}"
     );
@@ -159,4 +182,56 @@ fn print_handover_log(lab: &meshlet_lab::Lab) {
             println!("{node}: {line}");
         }
     }
+}
+
+/// kill -9 of node-1's agent under load (100 new connections a second): while it is away,
+/// web's new connections are refused (fail closed: a capture on node-1's link sees only TLS,
+/// never a request); the agent started again adopts its pods by itself (nothing announces
+/// them again) and serves; every failure falls inside the outage.
+#[test]
+fn an_agent_killed_under_load_fails_closed_and_serves_again_after_its_restart() {
+    let mut lab = up(&pods());
+    let api = lab.topology.pod("api").expect("api").clone();
+    let to = format!("{}:8080", api.ip);
+    let _server = Server::start_with(&lab, "api", 8080, 100_000, 120);
+    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+    assert!(ok, "before: {err} {report}");
+    let node1 = lab.topology.node("node-1").expect("node-1").clone();
+    let capture = Capture::start(&node1.netns, &lab.topology.node_link[0]);
+    let started = Instant::now();
+    let load = start_load(&lab, &to, 100, 10, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    let killed_at = started.elapsed().as_secs_f64();
+    lab.kill_agent("node-1").expect("kill -9");
+    std::thread::sleep(Duration::from_secs(2));
+    let restarted_at = started.elapsed().as_secs_f64();
+    lab.restart_agent("node-1").expect("restart");
+    let back_at = started.elapsed().as_secs_f64();
+    let report = finish_load(load);
+    assert_only_tls(&capture.finish(), MARKER);
+    let log = lab.agent_log("node-1");
+    let adopted = log
+        .lines()
+        .rfind(|l| l.contains("pods of the previous agent adopted"))
+        .unwrap_or_default()
+        .to_string();
+    println!(
+        "killed at {killed_at:.2} s, restarted at {restarted_at:.2} s, serving at {back_at:.2} s; \
+         {adopted}\nload: {report}"
+    );
+    let secs = |key: &str| report[key].as_f64().unwrap_or(f64::NAN);
+    let count = |key: &str| report[key].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        count("short_failed") > 0,
+        "nothing was refused while the agent was away: {report}"
+    );
+    assert!(
+        secs("first_failure_secs") >= killed_at - 0.05
+            && secs("last_failure_secs") <= back_at + 0.5,
+        "failures outside the outage ({killed_at:.2}..{back_at:.2} s): {report}"
+    );
+    assert!(count("short_ok") > 600, "too few served: {report}");
+    assert!(adopted.contains("adopted=1"), "{log}");
+    let (ok, report, err) = send(&lab, "web", &to, 64 * 1024, None, None);
+    assert!(ok, "after: {err} {report}");
 }

@@ -358,7 +358,8 @@ fn many(args: &[String]) -> std::io::Result<()> {
 /// Steady load for SECS seconds: RATE new short connections a second (64 bytes echoed, on two
 /// threads) and STREAMS long-lived connections that stream data the whole time, each checked
 /// end to end by SHA-256 of what went and what came back. Prints one JSON report: every
-/// failure counts (a refused or reset connection, a short or corrupted echo).
+/// failure counts (a refused or reset connection, a short or corrupted echo), with the times
+/// of the first and last. `PROBE_FILL=TEXT` makes the short requests TEXT-n (for captures).
 fn load(args: &[String]) -> std::io::Result<()> {
     let to: SocketAddr = args
         .first()
@@ -371,6 +372,8 @@ fn load(args: &[String]) -> std::io::Result<()> {
             .unwrap_or_else(|| usage())
     };
     let (rate, secs, streams) = (arg(1, 2_000), arg(2, 3_600), arg(3, 200));
+    let fill = std::env::var("PROBE_FILL").ok().filter(|f| !f.is_empty());
+    let failed_at = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -440,7 +443,7 @@ fn load(args: &[String]) -> std::io::Result<()> {
     let per_thread = (rate / 2).max(1);
     let short: Vec<_> = (0..2u64)
         .map(|t| {
-            let errors = errors.clone();
+            let (errors, fill, failed_at) = (errors.clone(), fill.clone(), failed_at.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
                 let interval = Duration::from_secs(1) / per_thread as u32;
@@ -456,8 +459,10 @@ fn load(args: &[String]) -> std::io::Result<()> {
                     let one = || -> std::io::Result<()> {
                         let mut stream = connect(to, None)?;
                         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                        let request: Vec<u8> =
-                            (0..64).map(|b| (b as u8) ^ (i as u8) ^ (t as u8)).collect();
+                        let request: Vec<u8> = match &fill {
+                            Some(fill) => format!("{fill}-{t}-{i}").into_bytes(),
+                            None => (0..64).map(|b| (b as u8) ^ (i as u8) ^ (t as u8)).collect(),
+                        };
                         stream.write_all(&request)?;
                         stream.shutdown(Shutdown::Write)?;
                         let mut answer = Vec::new();
@@ -474,6 +479,10 @@ fn load(args: &[String]) -> std::io::Result<()> {
                         Ok(()) => ok += 1,
                         Err(e) => {
                             failed += 1;
+                            failed_at
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(started.elapsed().as_secs_f64());
                             note(&errors, format!("short at {:?}: {e}", started.elapsed()));
                         }
                     }
@@ -500,12 +509,16 @@ fn load(args: &[String]) -> std::io::Result<()> {
         }
     }
     let errors = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let failed_at = failed_at.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let first_failure = failed_at.iter().copied().reduce(f64::min);
+    let last_failure = failed_at.iter().copied().reduce(f64::max);
     println!(
         "{}",
         serde_json::json!({
             "short_ok": short_ok, "short_failed": short_failed,
             "long_ok": long_ok, "long_failed": long_failed, "long_bytes": long_bytes,
             "secs": started.elapsed().as_secs_f64(), "errors": errors,
+            "first_failure_secs": first_failure, "last_failure_secs": last_failure,
         })
     );
     Ok(())
