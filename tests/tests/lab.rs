@@ -357,7 +357,22 @@ fn lab_down_and_crash_cleanup_leave_nothing_behind() {
 fn with_the_control_plane_gone_known_workloads_keep_talking_and_status_says_since_when() {
     let mut lab = up(&mesh_pods());
     let api = lab.topology.pod("api").expect("api").clone();
-    let _server = Server::start(&lab, "api", 8080);
+    // How long it stays away: MESHLET_CONTROL_PLANE_OUTAGE_SECS (600 for the 10-minute run by
+    // hand), 20 s in `cargo xtask test`.
+    let outage = Duration::from_secs(
+        std::env::var("MESHLET_CONTROL_PLANE_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
+    // Four connections a second for the whole outage, and some to spare.
+    let _server = Server::start_with(
+        &lab,
+        "api",
+        8080,
+        outage.as_secs() as usize * 5 + 100,
+        outage.as_secs() + 180,
+    );
     let to = format!("{}:8080", api.ip);
     let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
     assert!(ok, "before: {err} {report}");
@@ -368,14 +383,6 @@ fn with_the_control_plane_gone_known_workloads_keep_talking_and_status_says_sinc
     );
 
     lab.kill_controlplane().expect("stop the control plane");
-    // How long it stays away: MESHLET_CONTROL_PLANE_OUTAGE_SECS (600 for the 10-minute run by
-    // hand), 20 s in `cargo xtask test`.
-    let outage = Duration::from_secs(
-        std::env::var("MESHLET_CONTROL_PLANE_OUTAGE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20),
-    );
     let started = Instant::now();
     let (mut made, mut failed) = (0u32, Vec::new());
     while started.elapsed() < outage {
@@ -391,6 +398,17 @@ fn with_the_control_plane_gone_known_workloads_keep_talking_and_status_says_sinc
         "{made} connections over {outage:?} without a control plane, {} failed; status:\n{status}",
         failed.len()
     );
+    if !failed.is_empty() {
+        for node in ["node-1", "node-2"] {
+            for line in lab
+                .agent_log(node)
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            {
+                println!("{node}: {line}");
+            }
+        }
+    }
     assert!(
         failed.is_empty(),
         "connections failed without the control plane: {failed:?}"

@@ -3,7 +3,9 @@
 //! Two paths cross the same node link: `client` → `server` (both enrolled: through both agents)
 //! and `pclient` → `pserver` (neither enrolled: plain TCP). Real tools from Debian measure each:
 //! iperf3 (bulk), sockperf (64 B ping-pong), redis-benchmark (PING, and a fresh connection per
-//! request). Agent memory is read from /proc, idle and with many idle tunnelled connections.
+//! request). Agent memory is read from /proc, idle and with many idle tunnelled connections;
+//! CPU time from /proc too: the agents' own (user + system) and the whole machine's busy time,
+//! per GB moved, per 1 000 new connections and per 1 000 requests.
 use std::{
     io::{BufRead, BufReader},
     path::Path,
@@ -185,14 +187,79 @@ fn redis_new_connections(lab: &Lab, pod: &str, ip: &str, requests: u32) -> anyho
 /// The bench Service's cluster IP (in front of the `server` pod).
 const BENCH_VIP: &str = "10.96.0.50";
 
-fn medians(runs: &[[f64; 8]]) -> [f64; 8] {
-    let mut out = [0.0; 8];
+/// Figures of one measurement round: the eight rates and latencies, then the CPU costs.
+const FIGURES: usize = 14;
+
+fn medians(runs: &[[f64; FIGURES]]) -> [f64; FIGURES] {
+    let mut out = [0.0; FIGURES];
     for (i, slot) in out.iter_mut().enumerate() {
         let mut column: Vec<f64> = runs.iter().map(|r| r[i]).collect();
         column.sort_by(f64::total_cmp);
         *slot = column.get(column.len() / 2).copied().unwrap_or(0.0);
     }
     out
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name (in parentheses, which may hold spaces): state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("/proc/PID/stat field")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// CPU seconds all CPUs have spent busy so far (not idle, not waiting for I/O).
+fn machine_busy_secs() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: f64 = values
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(busy / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map(|t| t as f64)
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// CPU used by the two agents and by the whole machine while `f` runs, in seconds.
+fn with_cpu<T>(
+    agents: (u32, u32),
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, f64, f64)> {
+    let sample = || -> anyhow::Result<(f64, f64)> {
+        Ok((
+            cpu_secs(agents.0)? + cpu_secs(agents.1)?,
+            machine_busy_secs()?,
+        ))
+    };
+    let before = sample()?;
+    let value = f()?;
+    let after = sample()?;
+    Ok((value, after.0 - before.0, after.1 - before.1))
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<f64> {
@@ -348,14 +415,35 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let t = plan.seconds;
-    let measure = |client: &str, target: &str, vip: &str| -> anyhow::Result<[f64; 8]> {
+    let agents = (agent1, agent2);
+    let measure = |client: &str, target: &str, vip: &str| -> anyhow::Result<[f64; FIGURES]> {
         eprintln!("xtask: measuring {client} → {target}");
-        let bulk1 = iperf(&lab, client, target, 1, t)?;
+        let (bulk1, bulk1_agents, bulk1_machine) =
+            with_cpu(agents, || iperf(&lab, client, target, 1, t))?;
         let bulk8 = iperf(&lab, client, target, 8, t)?;
         let (p50, p99) = sockperf(&lab, client, target, t)?;
-        let r1 = redis(&lab, client, target, 1, plan.redis_requests, true)?;
-        let r50 = redis(&lab, client, target, 50, plan.redis_requests * 2, true)?;
-        let fresh = redis_new_connections(&lab, client, target, plan.redis_new_connections)?;
+        let (r1, r1_agents, _) = with_cpu(agents, || {
+            redis(&lab, client, target, 1, plan.redis_requests, true)
+        })?;
+        let (r50, r50_agents, _) = with_cpu(agents, || {
+            redis(&lab, client, target, 50, plan.redis_requests * 2, true)
+        })?;
+        let (fresh, fresh_agents, fresh_machine) = with_cpu(agents, || {
+            redis_new_connections(&lab, client, target, plan.redis_new_connections)
+        })?;
+        // Per unit of work: GB moved (the rate times the time), thousands of connections or
+        // requests; CPU per agent where it says so (two agents carry each mesh connection).
+        let gb = (bulk1 * f64::from(t) / 8.0).max(f64::MIN_POSITIVE);
+        let thousand = |n: u32| (f64::from(n) / 1000.0).max(f64::MIN_POSITIVE);
+        let conns = thousand(plan.redis_new_connections);
+        let costs = [
+            bulk1_machine / gb,
+            bulk1_agents / gb,
+            fresh_machine * 1000.0 / conns,
+            fresh_agents * 1000.0 / conns,
+            r1_agents / 2.0 * 1000.0 / thousand(plan.redis_requests),
+            r50_agents / 2.0 * 1000.0 / thousand(plan.redis_requests * 2),
+        ];
         // Plain has no VIP: its baseline is the pod-IP figure just measured (a second run
         // to the same address would start among the first one's TIME_WAITs and measure those).
         let fresh_vip = if vip == target {
@@ -366,7 +454,14 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         eprintln!(
             "xtask:   {bulk1:.2} / {bulk8:.2} Gbit/s, p50 {p50:.1} p99 {p99:.1} µs, redis {r1:.0} / {r50:.0} req/s, {fresh:.0} / {fresh_vip:.0} (via {vip}) conn/s"
         );
-        Ok([bulk1, bulk8, p50, p99, r1, r50, fresh, fresh_vip])
+        eprintln!(
+            "xtask:   CPU {:.2} s/GB (agents {:.2}), {:.0} ms per 1000 connections (agents {:.0}), agent {:.1} / {:.1} ms per 1000 requests",
+            costs[0], costs[1], costs[2], costs[3], costs[4], costs[5]
+        );
+        let mut figures = [0.0; FIGURES];
+        figures[..8].copy_from_slice(&[bulk1, bulk8, p50, p99, r1, r50, fresh, fresh_vip]);
+        figures[8..].copy_from_slice(&costs);
+        Ok(figures)
     };
     // Alternate the paths so that drift on the machine hits both alike; report medians.
     let (mut plain_runs, mut mesh_runs) = (Vec::new(), Vec::new());
@@ -403,6 +498,63 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
             plain: Some(plain[i]),
             mesh: mesh[i],
             higher_better,
+            target,
+        });
+    }
+
+    // CPU cost: the whole machine's busy time for the same work on both paths (apps, kernel
+    // and, on the mesh path, the agents), and the agents' own share.
+    let costs: [(&str, &str, usize, bool, &str); 6] = [
+        (
+            "CPU per GB, 1 stream (machine)",
+            "CPU s",
+            8,
+            true,
+            "(reported)",
+        ),
+        (
+            "agents' CPU per GB, 1 stream",
+            "CPU s",
+            9,
+            false,
+            "(reported)",
+        ),
+        (
+            "CPU per 1000 new connections (machine)",
+            "CPU ms",
+            10,
+            true,
+            "(reported)",
+        ),
+        (
+            "agents' CPU per 1000 new connections",
+            "CPU ms",
+            11,
+            false,
+            "(reported)",
+        ),
+        (
+            "agent CPU per 1000 requests, 1 client",
+            "CPU ms",
+            12,
+            false,
+            "≤ 20 (0.02 vCPU per 1000 req/s)",
+        ),
+        (
+            "agent CPU per 1000 requests, 50 clients",
+            "CPU ms",
+            13,
+            false,
+            "≤ 6",
+        ),
+    ];
+    for (name, unit, i, with_plain, target) in costs {
+        rows.push(Row {
+            name,
+            unit,
+            plain: with_plain.then_some(plain[i]),
+            mesh: mesh[i],
+            higher_better: false,
             target,
         });
     }

@@ -115,6 +115,25 @@ fn connect(to: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
     Ok(socket.into())
 }
 
+/// One short connection: sends `request`, ends the sending side, checks that the echo is the
+/// same bytes; returns the peer address the connection saw.
+fn echo_once(to: SocketAddr, request: &[u8]) -> std::io::Result<SocketAddr> {
+    let mut stream = connect(to, None)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(request)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    if answer != request {
+        return Err(std::io::Error::other(format!(
+            "echo of {} bytes did not match",
+            answer.len()
+        )));
+    }
+    Ok(peer)
+}
+
 fn send(args: &[String]) -> std::io::Result<()> {
     let to: SocketAddr = args
         .first()
@@ -315,25 +334,12 @@ fn many(args: &[String]) -> std::io::Result<()> {
             break;
         }
         let one = || -> std::io::Result<SocketAddr> {
-            let mut stream = connect(to, None)?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let peer = stream.peer_addr()?;
             // PROBE_FILL=TEXT sends TEXT (for plaintext-capture tests), else 64 bytes.
             let request: Vec<u8> = match std::env::var("PROBE_FILL") {
                 Ok(fill) if !fill.is_empty() => format!("{fill}-{i}").into_bytes(),
                 _ => (0..64).map(|b| (b as u8) ^ (i as u8)).collect(),
             };
-            stream.write_all(&request)?;
-            stream.shutdown(Shutdown::Write)?;
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer)?;
-            if answer != request {
-                return Err(std::io::Error::other(format!(
-                    "echo of {} bytes did not match",
-                    answer.len()
-                )));
-            }
-            Ok(peer)
+            echo_once(to, &request)
         };
         match one() {
             Ok(peer) => {
@@ -457,23 +463,11 @@ fn load(args: &[String]) -> std::io::Result<()> {
                         std::thread::sleep(wait);
                     }
                     let one = || -> std::io::Result<()> {
-                        let mut stream = connect(to, None)?;
-                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
                         let request: Vec<u8> = match &fill {
                             Some(fill) => format!("{fill}-{t}-{i}").into_bytes(),
                             None => (0..64).map(|b| (b as u8) ^ (i as u8) ^ (t as u8)).collect(),
                         };
-                        stream.write_all(&request)?;
-                        stream.shutdown(Shutdown::Write)?;
-                        let mut answer = Vec::new();
-                        stream.read_to_end(&mut answer)?;
-                        if answer != request {
-                            return Err(std::io::Error::other(format!(
-                                "echo of {} bytes did not match",
-                                answer.len()
-                            )));
-                        }
-                        Ok(())
+                        echo_once(to, &request).map(|_| ())
                     };
                     match one() {
                         Ok(()) => ok += 1,
