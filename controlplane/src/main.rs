@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
                 namespace: namespace.to_string(),
                 service_account: service_account.to_string(),
                 audience: args.token_audience.clone(),
+                deadline: kubernetes::node_auth::REVIEW_DEADLINE,
             });
             kubernetes::watch_cluster(
                 client,

@@ -135,7 +135,10 @@ impl NodeIdentityService for NodeIdentity {
             };
             return match reviewer.check(&req.service_account_token, &req.node).await {
                 Ok(()) => self.issue(&req.node, &req.csr_pem, "node_joined"),
-                Err(e @ crate::kubernetes::node_auth::NodeAuthError::Api(_)) => {
+                Err(
+                    e @ (crate::kubernetes::node_auth::NodeAuthError::Api(_)
+                    | crate::kubernetes::node_auth::NodeAuthError::Timeout(_)),
+                ) => {
                     tracing::error!(target: "audit", event = "node_join_refused", node = %req.node,
                         method = "kubernetes", error = %e, "join failed");
                     Err(Status::unavailable(e.to_string()))

@@ -12,10 +12,16 @@ use kube::{api::PostParams, Api, Client};
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
+/// How long one review (the TokenReview and the Pod read) may take: a join waits for it, and a
+/// slow or stuck API server must not hold joins (and their connections) for ever.
+pub const REVIEW_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeAuthError {
     #[error("the Kubernetes API could not review the token: {0}")]
     Api(#[source] kube::Error),
+    #[error("the Kubernetes API did not review the token within {0:?}; the agent retries")]
+    Timeout(std::time::Duration),
     #[error("the token is not valid: {0}")]
     NotAuthenticated(String),
     #[error("the token is not for audience {0:?}")]
@@ -52,11 +58,19 @@ pub struct TokenReviewer {
     pub namespace: String,
     pub service_account: String,
     pub audience: String,
+    /// At most this for one review ([`REVIEW_DEADLINE`]).
+    pub deadline: std::time::Duration,
 }
 
 impl TokenReviewer {
-    /// Checks `token` for an agent that says it is `node`.
+    /// Checks `token` for an agent that says it is `node`, within the deadline.
     pub async fn check(&self, token: &str, node: &str) -> Result<(), NodeAuthError> {
+        tokio::time::timeout(self.deadline, self.review(token, node))
+            .await
+            .unwrap_or(Err(NodeAuthError::Timeout(self.deadline)))
+    }
+
+    async fn review(&self, token: &str, node: &str) -> Result<(), NodeAuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -121,5 +135,42 @@ impl TokenReviewer {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stuck_api_server_fails_the_review_at_the_deadline() {
+        // An API server that takes connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+            }
+        });
+        let url: http::Uri = format!("http://{addr}").parse().expect("url");
+        let client = Client::try_from(kube::Config::new(url)).expect("client");
+        let reviewer = TokenReviewer {
+            client,
+            namespace: "meshlet-system".into(),
+            service_account: "meshlet-agent".into(),
+            audience: "meshlet".into(),
+            deadline: std::time::Duration::from_millis(300),
+        };
+        let started = std::time::Instant::now();
+        let result = reviewer.check("token", "node-1").await;
+        assert!(
+            matches!(result, Err(NodeAuthError::Timeout(_))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        held.abort();
     }
 }
