@@ -70,14 +70,6 @@ impl From<nix::Error> for HandoverError {
     }
 }
 
-/// Where the handover socket is: beside the node socket.
-pub fn socket_path(node_socket: &Path) -> PathBuf {
-    node_socket
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join("handover.sock")
-}
-
 fn send(socket: BorrowedFd<'_>, kind: Kind, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     cni_socket::send(socket, &HandoverMessage { kind: Some(kind) }, fds)
 }
@@ -117,16 +109,6 @@ fn check_peer(socket: BorrowedFd<'_>) -> Result<(), HandoverError> {
     Ok(())
 }
 
-fn set_timeouts(socket: BorrowedFd<'_>, timeout: Duration) -> Result<(), HandoverError> {
-    let tv = nix::sys::time::TimeVal::new(
-        timeout.as_secs().try_into().unwrap_or(i64::MAX),
-        timeout.subsec_micros().into(),
-    );
-    socket::setsockopt(&socket, sockopt::SendTimeout, &tv)?;
-    socket::setsockopt(&socket, sockopt::ReceiveTimeout, &tv)?;
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // The successor's side.
 
@@ -152,7 +134,7 @@ impl Predecessor {
             SockFlag::SOCK_CLOEXEC,
             None,
         )?;
-        set_timeouts(socket.as_fd(), STEP_TIMEOUT)?;
+        cni_socket::set_timeouts(socket.as_fd(), STEP_TIMEOUT)?;
         let addr = socket::UnixAddr::new(path)?;
         match socket::connect(socket.as_raw_fd(), &addr) {
             Ok(()) => {}
@@ -256,7 +238,7 @@ impl Predecessor {
 
     /// Blocks until the predecessor has gone (it has drained and exited).
     pub fn wait_gone(self) {
-        let _ = set_timeouts(self.socket.as_fd(), Duration::ZERO);
+        let _ = cni_socket::set_timeouts(self.socket.as_fd(), Duration::ZERO);
         let mut buf = [0u8; 64];
         loop {
             match nix::sys::socket::recv(
@@ -407,7 +389,7 @@ fn offer(
     estate: &Estate,
     pods: &PodRegistry,
 ) -> Result<(), HandoverError> {
-    set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
+    cni_socket::set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
     send(
         conn.as_fd(),
         Kind::Hello(HandoverHello {
@@ -441,7 +423,7 @@ fn offer(
     };
     send(conn.as_fd(), Kind::Host(message), &fds)?;
     send(conn.as_fd(), Kind::End(HandoverEnd {}), &[])?;
-    set_timeouts(conn.as_fd(), TAKEN_TIMEOUT)?;
+    cni_socket::set_timeouts(conn.as_fd(), TAKEN_TIMEOUT)?;
     let mut paused = false;
     loop {
         match recv(conn.as_fd())?.0 {
@@ -450,7 +432,7 @@ fn offer(
                 paused = true;
                 pods.pause_accepting();
                 tracing::info!("the new agent changes the map layout: pod listeners paused");
-                set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
+                cni_socket::set_timeouts(conn.as_fd(), STEP_TIMEOUT)?;
                 send(conn.as_fd(), Kind::Paused(HandoverPaused {}), &[])?;
             }
             other => {

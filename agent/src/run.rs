@@ -196,7 +196,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     // An agent already running on this node hands it over (a rolling upgrade); else this one
     // starts on its own and adopts what a previous agent left.
-    let handover_socket = handover::socket_path(&config.node_socket);
+    let handover_socket = beside(&config.node_socket, "handover.sock");
     let mut predecessor = {
         let (path, node) = (handover_socket.clone(), config.node.clone());
         tokio::task::spawn_blocking(move || Predecessor::find(&path, &node))

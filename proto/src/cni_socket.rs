@@ -62,6 +62,17 @@ pub fn ensure_pod_sysctls() -> io::Result<()> {
     Ok(())
 }
 
+/// Bounds every blocking send and receive on `socket` by `timeout` (zero: no bound).
+pub fn set_timeouts(socket: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        timeout.subsec_micros().into(),
+    );
+    socket::setsockopt(&socket, socket::sockopt::SendTimeout, &tv)?;
+    socket::setsockopt(&socket, socket::sockopt::ReceiveTimeout, &tv)?;
+    Ok(())
+}
+
 /// Sends `message`, with `fds` attached (at most [`MAX_FDS`]).
 pub fn send(
     socket: BorrowedFd<'_>,
@@ -157,12 +168,7 @@ pub fn call(
         socket::SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    let tv = nix::sys::time::TimeVal::new(
-        timeout.as_secs().try_into().unwrap_or(i64::MAX),
-        timeout.subsec_micros().into(),
-    );
-    socket::setsockopt(&socket, socket::sockopt::SendTimeout, &tv)?;
-    socket::setsockopt(&socket, socket::sockopt::ReceiveTimeout, &tv)?;
+    set_timeouts(socket.as_fd(), timeout)?;
     socket::connect(socket.as_raw_fd(), &UnixAddr::new(path)?)?;
     send(socket.as_fd(), request, netns.as_slice())?;
     let (reply, _fds) = recv::<CniReply>(socket.as_fd())?;

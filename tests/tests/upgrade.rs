@@ -14,6 +14,18 @@ use common::{assert_only_tls, send, up, Capture, Server, PROBE};
 /// In the short requests of the load, to look for on the wire.
 const MARKER: &str = "MESHLET-HANDOVER-MARKER-5d1e";
 
+/// The lab with an echo server on api:8080 that outlasts every test here, checked once from
+/// web; returns the lab, the server's address and the server.
+fn lab_with_echo() -> (Lab, String, Server) {
+    let lab = up(&pods());
+    let api = lab.topology.pod("api").expect("api").clone();
+    let to = format!("{}:8080", api.ip);
+    let server = Server::start_with(&lab, "api", 8080, 100_000, 180);
+    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
+    assert!(ok, "before: {err} {report}");
+    (lab, to, server)
+}
+
 /// Starts the probe's load from web to `to` (see `meshlet-lab-probe load`).
 fn start_load(lab: &Lab, to: &str, rate: u32, secs: u64, streams: u32) -> Child {
     lab.command_in("web", PROBE)
@@ -91,12 +103,7 @@ fn a_rolling_upgrade_to_a_new_map_layout_migrates_the_maps_and_drops_nothing() {
 /// Runs the load, upgrades node-1 then node-2 (the new agents with `extra` arguments), checks
 /// that nothing failed, and returns the lab.
 fn upgrade_under_load(extra: &[&str]) -> meshlet_lab::Lab {
-    let mut lab = up(&pods());
-    let api = lab.topology.pod("api").expect("api").clone();
-    let to = format!("{}:8080", api.ip);
-    let _server = Server::start_with(&lab, "api", 8080, 100_000, 180);
-    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
-    assert!(ok, "before: {err} {report}");
+    let (mut lab, to, _server) = lab_with_echo();
 
     let secs: u64 = std::env::var("MESHLET_UPGRADE_LOAD_SECS")
         .ok()
@@ -190,12 +197,7 @@ fn print_handover_log(lab: &meshlet_lab::Lab) {
 /// them again) and serves; every failure falls inside the outage.
 #[test]
 fn an_agent_killed_under_load_fails_closed_and_serves_again_after_its_restart() {
-    let mut lab = up(&pods());
-    let api = lab.topology.pod("api").expect("api").clone();
-    let to = format!("{}:8080", api.ip);
-    let _server = Server::start_with(&lab, "api", 8080, 100_000, 120);
-    let (ok, report, err) = send(&lab, "web", &to, 1024, None, None);
-    assert!(ok, "before: {err} {report}");
+    let (mut lab, to, _server) = lab_with_echo();
     let node1 = lab.topology.node("node-1").expect("node-1").clone();
     let capture = Capture::start(&node1.netns, &lab.topology.node_link[0]);
     let started = Instant::now();
