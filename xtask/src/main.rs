@@ -359,6 +359,7 @@ fn test() -> anyhow::Result<()> {
         }
     }
     let leftovers = lab::leftovers();
+    disk_report();
     println!("{} passed, {} failed", totals.0, totals.1);
     unit?;
     fips?;
@@ -370,6 +371,14 @@ fn test() -> anyhow::Result<()> {
         bail!("the tests left lab pieces behind: {leftovers:?}");
     }
     Ok(())
+}
+
+/// What the build trees take and what is left on their disk: a CI run once failed on a full disk,
+/// and this line shows how close a run comes.
+fn disk_report() {
+    let trees = [root().join("target"), root().join("fuzz/target")];
+    let _ = Command::new("du").arg("-sh").args(&trees).status();
+    let _ = Command::new("df").args(["-h"]).arg(root()).status();
 }
 
 /// Runs `cargo test`, echoing its output and adding its counts to `totals`.
