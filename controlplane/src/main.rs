@@ -309,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
         tokens: tokens::TokenStore::new(&args.state_dir),
         lifetime: Duration::from_secs(args.node_cert_lifetime),
         reviewer,
+        registry: registry.clone(),
     };
     let serving = node_auth::TlsServing {
         ca: ca.clone(),

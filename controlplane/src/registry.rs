@@ -121,6 +121,7 @@ impl RegistryFile {
                 excluded_pods: Vec::new(),
             },
             certificate_lifetime: None,
+            nodes: None,
         }
     }
 }
@@ -140,9 +141,24 @@ pub struct Snapshot {
     /// The mesh settings' cap on workload certificate lifetimes (Kubernetes mode), for the
     /// CA; not sent to nodes.
     pub certificate_lifetime: Option<std::time::Duration>,
+    /// The nodes of the cluster (Kubernetes mode: the Node objects not being deleted); a node
+    /// outside it is not served, whatever certificate it holds. `None` (the file registry): a
+    /// node is whoever holds a node certificate.
+    pub nodes: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Snapshot {
+    /// Whether `node` may be served: a node removed from the cluster (`kubectl delete node`)
+    /// loses its discovery stream and gets no certificate, node or workload, from then on.
+    pub fn admits_node(&self, node: &str) -> Result<(), String> {
+        match &self.nodes {
+            Some(nodes) if !nodes.contains(node) => Err(format!(
+                "node {node:?} is not a node of the cluster (no Node object, or it is being deleted): a removed node is not served; if the node is back, its kubelet registers it again"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether a pod with this service account runs on `node`.
     pub fn has_pod(&self, node: &str, namespace: &str, service_account: &str) -> bool {
         self.workloads.iter().any(|w| {

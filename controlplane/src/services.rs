@@ -46,6 +46,10 @@ impl CertificateService for Certificates {
                 self.ca.trust_domain()
             )));
         };
+        if let Err(e) = self.registry.borrow().admits_node(&req.node) {
+            tracing::warn!(target: "audit", event = "certificate_refused", node = %req.node, identity = %req.identity, error = %e, "certificate refused: not a node of the cluster");
+            return Err(Status::permission_denied(e));
+        }
         // A node may only obtain identities of pods that run on it.
         if !self
             .registry
@@ -93,6 +97,8 @@ pub struct NodeIdentity {
     pub lifetime: Duration,
     /// In Kubernetes mode: agents join with their pod's service account token.
     pub reviewer: Option<crate::kubernetes::node_auth::TokenReviewer>,
+    /// Which nodes the cluster has ([`Snapshot::admits_node`]).
+    pub registry: watch::Receiver<Snapshot>,
 }
 
 impl NodeIdentity {
@@ -102,6 +108,10 @@ impl NodeIdentity {
         csr_pem: &str,
         event: &str,
     ) -> Result<Response<NodeCertificateResponse>, Status> {
+        if let Err(e) = self.registry.borrow().admits_node(node) {
+            tracing::warn!(target: "audit", event = "node_certificate_refused", %node, error = %e, "node certificate refused");
+            return Err(Status::permission_denied(e));
+        }
         match self.ca.sign_node(csr_pem, node, self.lifetime) {
             Ok(issued) => {
                 tracing::info!(target: "audit", event, %node, serial = %issued.serial,
@@ -133,17 +143,28 @@ impl NodeIdentityService for NodeIdentity {
                     "this control plane does not read Kubernetes: join with a join token",
                 ));
             };
-            return match reviewer.check(&req.service_account_token, &req.node).await {
-                Ok(()) => self.issue(&req.node, &req.csr_pem, "node_joined"),
-                Err(
-                    e @ (crate::kubernetes::node_auth::NodeAuthError::Api(_)
-                    | crate::kubernetes::node_auth::NodeAuthError::Timeout(_)),
+            let reviewed = reviewer.check(&req.service_account_token, &req.node).await;
+            // The pod runs on the node it claims; the node must still be one of the cluster.
+            let admitted = self.registry.borrow().admits_node(&req.node);
+            return match (reviewed, admitted) {
+                (Ok(()), Ok(())) => self.issue(&req.node, &req.csr_pem, "node_joined"),
+                (Ok(()), Err(e)) => {
+                    tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
+                        method = "kubernetes", error = %e, "join refused");
+                    Err(Status::permission_denied(e))
+                }
+                (
+                    Err(
+                        e @ (crate::kubernetes::node_auth::NodeAuthError::Api(_)
+                        | crate::kubernetes::node_auth::NodeAuthError::Timeout(_)),
+                    ),
+                    _,
                 ) => {
                     tracing::error!(target: "audit", event = "node_join_refused", node = %req.node,
                         method = "kubernetes", error = %e, "join failed");
                     Err(Status::unavailable(e.to_string()))
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
                         method = "kubernetes", error = %e, "join refused");
                     Err(Status::permission_denied(e.to_string()))
@@ -217,6 +238,10 @@ impl DiscoveryService for Discovery {
                 ))
             }
         }
+        if let Err(e) = self.published.borrow().registry.admits_node(&node) {
+            tracing::warn!(target: "audit", event = "discovery_refused", %node, error = %e, "discovery refused");
+            return Err(Status::permission_denied(e));
+        }
         tracing::info!(%node, "node connected to discovery");
         let (tx, rx) = mpsc::channel(4);
         let mut published = self.published.clone();
@@ -230,7 +255,20 @@ impl DiscoveryService for Discovery {
             // The last version this stream sent, as sent in full: the base of the next delta.
             let mut sent: Option<DiscoveryResponse> = None;
             loop {
-                let full = published.borrow_and_update().response(&trust_domain);
+                // A node removed from the cluster is cut off here, whatever it was sent.
+                let next = {
+                    let published = published.borrow_and_update();
+                    (published.registry.admits_node(&push_node))
+                        .map(|()| published.response(&trust_domain))
+                };
+                let full = match next {
+                    Ok(full) => full,
+                    Err(e) => {
+                        tracing::warn!(target: "audit", event = "discovery_refused", node = %push_node, error = %e, "discovery stream ended: not a node of the cluster");
+                        let _ = tx.send(Err(Status::permission_denied(e))).await;
+                        break;
+                    }
+                };
                 let base = sent
                     .take()
                     .filter(|_| !resync.swap(false, std::sync::atomic::Ordering::AcqRel));
@@ -448,5 +486,31 @@ mod tests {
             .await
             .expect_err("node-2 lies");
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_node_removed_from_the_cluster_gets_no_certificate() {
+        let mut certs = service(Duration::from_secs(3600));
+        let mut snapshot = certs.registry.borrow().clone();
+        let (tx, registry) = watch::channel(snapshot.clone());
+        certs.registry = registry;
+        let ask = || request("node-1", "spiffe://cluster.local/ns/default/sa/web", 0);
+        // Kubernetes mode, node-1 a Node of the cluster: issued.
+        snapshot.nodes = Some(["node-1".to_string(), "node-2".to_string()].into());
+        tx.send(snapshot.clone()).expect("send");
+        certs.create_certificate(ask()).await.expect("issued");
+        // `kubectl delete node node-1`: its pod is still listed, but the node is not served.
+        snapshot.nodes = Some(["node-2".to_string()].into());
+        tx.send(snapshot).expect("send");
+        let refused = certs
+            .create_certificate(ask())
+            .await
+            .expect_err("node-1 is gone");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused.message().contains("not a node of the cluster"),
+            "{}",
+            refused.message()
+        );
     }
 }

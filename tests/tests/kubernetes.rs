@@ -562,7 +562,7 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
         );
         println!("{node}: refused, {reason}");
     }
-    // The right token for node-x works.
+    // The right token, but node-x is no Node of the cluster (none was registered): refused.
     let agent = ExtraAgent::start(
         &lab,
         &scratch,
@@ -573,7 +573,38 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
         ),
         15210,
     );
+    agent.wait_for("not a node of the cluster");
+    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
+    assert!(
+        cp_log.lines().any(|l| l.contains("event=\"node_join_refused\"")
+            && l.contains("node=node-x")
+            && l.contains("not a node of the cluster")),
+        "the control plane did not audit the join of a node that is not in the cluster"
+    );
+    println!("node-x without a Node object: refused");
+    // Its kubelet registers it: the agent's next attempt joins.
+    kube.create(
+        kube_api::NODES,
+        json!({"metadata": {"name": "node-x"}, "spec": {"podCIDR": "10.244.99.0/24"}}),
+    )
+    .expect("node");
     agent.wait_for("event=\"node_joined\"");
+    agent.wait_for("applied control-plane update");
+    // `kubectl delete node node-x`: the control plane cuts its discovery stream and refuses
+    // it any further certificate; the audit log says so.
+    let (ok, _, stderr) = kubectl(&lab, &["delete", "node", "node-x"], None);
+    assert!(ok, "kubectl delete node: {stderr}");
+    agent.wait_for_line(&["discovery stream failed", "not a node of the cluster"]);
+    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
+    for event in ["node_removed", "discovery_refused"] {
+        assert!(
+            cp_log
+                .lines()
+                .any(|l| l.contains(&format!("event=\"{event}\"")) && l.contains("node-x")),
+            "no {event} audit for node-x:\n{cp_log}"
+        );
+    }
+    println!("node-x deleted: discovery cut, audited");
 }
 
 #[test]

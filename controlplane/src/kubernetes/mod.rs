@@ -20,7 +20,7 @@ pub mod policy;
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
-        core::v1::{ConfigMap, Container, Namespace, Pod, Probe, Service},
+        core::v1::{ConfigMap, Container, Namespace, Node, Pod, Probe, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -131,6 +131,7 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, KubernetesEr
 #[derive(Clone)]
 pub struct Cluster {
     namespaces: Store<Namespace>,
+    nodes: Store<Node>,
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -155,6 +156,7 @@ impl Cluster {
             &self.slices.state(),
             version,
         );
+        snapshot.nodes = Some(members(&self.nodes.state()));
         let states: Vec<(usize, PolicyKind, Vec<Arc<DynamicObject>>)> = self
             .policies
             .iter()
@@ -272,6 +274,7 @@ pub async fn watch_cluster(
             .collect();
     let cluster = Cluster {
         namespaces: reflect(Api::all(client.clone()), watching.clone()),
+        nodes: reflect(Api::all(client.clone()), watching.clone()),
         pods: reflect(Api::all(client.clone()), watching.clone()),
         services: reflect(Api::all(client.clone()), watching.clone()),
         slices: reflect(Api::all(client.clone()), watching.clone()),
@@ -283,8 +286,9 @@ pub async fn watch_cluster(
         options,
         health,
     };
-    tracing::info!("waiting for the first list of namespaces, pods, services, endpointslices, policies and the mesh settings");
+    tracing::info!("waiting for the first list of namespaces, nodes, pods, services, endpointslices, policies and the mesh settings");
     let _ = cluster.namespaces.wait_until_ready().await;
+    let _ = cluster.nodes.wait_until_ready().await;
     let _ = cluster.pods.wait_until_ready().await;
     let _ = cluster.services.wait_until_ready().await;
     let _ = cluster.slices.wait_until_ready().await;
@@ -319,9 +323,14 @@ pub async fn watch_cluster(
                     && current.policies == next.policies
                     && current.mesh == next.mesh
                     && current.certificate_lifetime == next.certificate_lifetime
+                    && current.nodes == next.nodes
             };
             if same {
                 continue;
+            }
+            for gone in removed_nodes(&tx.borrow(), &next) {
+                tracing::warn!(target: "audit", event = "node_removed", node = %gone,
+                    "node left the cluster: it is no longer served");
             }
             tracing::info!(
                 version,
@@ -496,6 +505,24 @@ pub fn snapshot(
             excluded_pods,
         },
         ..Default::default()
+    }
+}
+
+/// The nodes a cluster has: its Node objects, less those being deleted (a node on its way out
+/// gets no new certificate).
+fn members(nodes: &[Arc<Node>]) -> std::collections::BTreeSet<String> {
+    nodes
+        .iter()
+        .filter(|n| n.meta().deletion_timestamp.is_none())
+        .filter_map(|n| n.meta().name.clone())
+        .collect()
+}
+
+/// The nodes `before` served and `after` does not.
+fn removed_nodes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
+    match (&before.nodes, &after.nodes) {
+        (Some(before), Some(after)) => before.difference(after).cloned().collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -690,6 +717,29 @@ mod tests {
                                      "livenessProbe": {"tcpSocket": {"port": 9090}}}]},
             "status": {"phase": "Running", "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
         }))
+    }
+
+    #[test]
+    fn nodes_being_deleted_are_not_members() {
+        let nodes: Vec<Arc<Node>> = vec![
+            from(json!({"metadata": {"name": "node-1"}})),
+            from(json!({"metadata": {"name": "node-2", "deletionTimestamp": "2026-11-30T10:00:00Z"}})),
+        ];
+        let members = members(&nodes);
+        assert_eq!(members, ["node-1".to_string()].into());
+        let before = Snapshot {
+            nodes: Some(["node-1".to_string(), "node-2".to_string()].into()),
+            ..Default::default()
+        };
+        let after = Snapshot {
+            nodes: Some(members),
+            ..Default::default()
+        };
+        assert_eq!(removed_nodes(&before, &after), vec!["node-2".to_string()]);
+        assert!(after.admits_node("node-1").is_ok());
+        assert!(after.admits_node("node-2").is_err());
+        // The file registry knows no nodes: whoever holds a node certificate is served.
+        assert!(Snapshot::default().admits_node("node-9").is_ok());
     }
 
     #[test]

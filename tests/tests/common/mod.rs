@@ -460,6 +460,22 @@ impl ExtraAgent {
         Self { child, log, cgroup }
     }
 
+    /// Waits until one line of the agent's log has every one of `needles`.
+    pub fn wait_for_line(&self, needles: &[&str]) {
+        eventually(Duration::from_secs(15), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            log.lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+                .then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent never logged a line with {needles:?}:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
+    }
+
     /// Waits until the agent's log has `needle`; answers the log.
     pub fn wait_for(&self, needle: &str) -> String {
         eventually(Duration::from_secs(15), || {
