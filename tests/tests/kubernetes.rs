@@ -576,9 +576,11 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
     agent.wait_for("not a node of the cluster");
     let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
     assert!(
-        cp_log.lines().any(|l| l.contains("event=\"node_join_refused\"")
-            && l.contains("node=node-x")
-            && l.contains("not a node of the cluster")),
+        cp_log
+            .lines()
+            .any(|l| l.contains("event=\"node_join_refused\"")
+                && l.contains("node=node-x")
+                && l.contains("not a node of the cluster")),
         "the control plane did not audit the join of a node that is not in the cluster"
     );
     println!("node-x without a Node object: refused");

@@ -110,8 +110,8 @@ fn iperf(lab: &Lab, pod: &str, ip: &str, streams: u32, seconds: u32) -> anyhow::
         .context("iperf3 reported no throughput")
 }
 
-/// (p50, p99) in microseconds.
-fn sockperf(lab: &Lab, pod: &str, ip: &str, seconds: u32) -> anyhow::Result<(f64, f64)> {
+/// (p50, p99, p99.9) in microseconds.
+fn sockperf(lab: &Lab, pod: &str, ip: &str, seconds: u32) -> anyhow::Result<(f64, f64, f64)> {
     let text = output(
         lab,
         pod,
@@ -138,7 +138,37 @@ fn sockperf(lab: &Lab, pod: &str, ip: &str, seconds: u32) -> anyhow::Result<(f64
     Ok((
         percentile("50.000").context("sockperf p50")?,
         percentile("99.000").context("sockperf p99")?,
+        percentile("99.900").context("sockperf p99.9")?,
     ))
+}
+
+/// The bulk load beside the loaded round trips: the same rate on both paths, so that both
+/// carry the same work (unlimited, plain would move four times what the mesh does), well
+/// under what one mesh stream moves.
+const BULK_RATE: &str = "2G";
+
+/// Runs `f` while `pod` sends bulk traffic to `ip` (iperf3, one stream at [`BULK_RATE`]),
+/// started a second before `f` and lasting past it.
+fn with_bulk<T>(
+    lab: &Lab,
+    pod: &str,
+    ip: &str,
+    seconds: u32,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut bulk = lab
+        .command_in(pod, "iperf3")?
+        .args(["-c", ip, "-p", "5201", "-b", BULK_RATE, "-t"])
+        .arg((seconds + 3).to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("iperf3 in {pod}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let value = f();
+    let _ = bulk.kill();
+    let _ = bulk.wait();
+    value
 }
 
 fn redis(
@@ -187,8 +217,9 @@ fn redis_new_connections(lab: &Lab, pod: &str, ip: &str, requests: u32) -> anyho
 /// The bench Service's cluster IP (in front of the `server` pod).
 const BENCH_VIP: &str = "10.96.0.50";
 
-/// Figures of one measurement round: the eight rates and latencies, then the CPU costs.
-const FIGURES: usize = 14;
+/// Figures of one measurement round: the eight rates and latencies, the CPU costs, then the
+/// tail latencies (idle p99.9, under bulk load p99 and p99.9).
+const FIGURES: usize = 17;
 
 fn medians(runs: &[[f64; FIGURES]]) -> [f64; FIGURES] {
     let mut out = [0.0; FIGURES];
@@ -282,11 +313,18 @@ struct Row {
 }
 
 pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
+    // Each path has a second pair of pods for the bulk load beside the loaded round trips:
+    // on the mesh path the same identities (replicas of the same apps), so that both pairs'
+    // connections share the agents and the tunnels between them.
     let pods = vec![
         PodSpec::new("client", "node-1", "bench-client"),
         PodSpec::new("server", "node-2", "bench-server"),
         PodSpec::new("pclient", "node-1", "plain").outside_mesh(),
         PodSpec::new("pserver", "node-2", "plain").outside_mesh(),
+        PodSpec::new("bulk-client", "node-1", "bench-client"),
+        PodSpec::new("bulk-server", "node-2", "bench-server"),
+        PodSpec::new("pbulk-client", "node-1", "plain").outside_mesh(),
+        PodSpec::new("pbulk-server", "node-2", "plain").outside_mesh(),
     ];
     println!(
         "== bench ({}): bringing up the lab (agent arguments: {:?})",
@@ -299,6 +337,7 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         Ok(lab.topology.pod(pod).context("pod")?.ip.to_string())
     };
     let (server_ip, pserver_ip) = (ip("server")?, ip("pserver")?);
+    let (bulk_server_ip, pbulk_server_ip) = (ip("bulk-server")?, ip("pbulk-server")?);
     // A Service in front of the server, so that the load-balancing path is measured too.
     let mut registry = lab.topology.workloads_json();
     registry["services"] = serde_json::json!([{
@@ -349,6 +388,14 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
                     "--protected-mode",
                     "no",
                 ])
+                .stdout(Stdio::null())
+                .spawn()?,
+        );
+    }
+    for pod in ["bulk-server", "pbulk-server"] {
+        servers.0.push(
+            lab.command_in(pod, "iperf3")?
+                .args(["-s", "-p", "5201"])
                 .stdout(Stdio::null())
                 .spawn()?,
         );
@@ -416,12 +463,19 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let t = plan.seconds;
     let agents = (agent1, agent2);
-    let measure = |client: &str, target: &str, vip: &str| -> anyhow::Result<[f64; FIGURES]> {
+    let measure = |client: &str,
+                   target: &str,
+                   vip: &str,
+                   bulk: (&str, &str)|
+     -> anyhow::Result<[f64; FIGURES]> {
         eprintln!("xtask: measuring {client} → {target}");
         let (bulk1, bulk1_agents, bulk1_machine) =
             with_cpu(agents, || iperf(&lab, client, target, 1, t))?;
         let bulk8 = iperf(&lab, client, target, 8, t)?;
-        let (p50, p99) = sockperf(&lab, client, target, t)?;
+        let (p50, p99, p999) = sockperf(&lab, client, target, t)?;
+        let (_, loaded_p99, loaded_p999) = with_bulk(&lab, bulk.0, bulk.1, t, || {
+            sockperf(&lab, client, target, t)
+        })?;
         let (r1, r1_agents, _) = with_cpu(agents, || {
             redis(&lab, client, target, 1, plan.redis_requests, true)
         })?;
@@ -458,17 +512,31 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
             "xtask:   CPU {:.2} s/GB (agents {:.2}), {:.0} ms per 1000 connections (agents {:.0}), agent {:.1} / {:.1} ms per 1000 requests",
             costs[0], costs[1], costs[2], costs[3], costs[4], costs[5]
         );
+        eprintln!(
+            "xtask:   p99.9 {p999:.1} µs; beside {BULK_RATE}bit/s of bulk: p99 {loaded_p99:.1} p99.9 {loaded_p999:.1} µs"
+        );
         let mut figures = [0.0; FIGURES];
         figures[..8].copy_from_slice(&[bulk1, bulk8, p50, p99, r1, r50, fresh, fresh_vip]);
-        figures[8..].copy_from_slice(&costs);
+        figures[8..14].copy_from_slice(&costs);
+        figures[14..].copy_from_slice(&[p999, loaded_p99, loaded_p999]);
         Ok(figures)
     };
     // Alternate the paths so that drift on the machine hits both alike; report medians.
     let (mut plain_runs, mut mesh_runs) = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds.max(1) {
         // Plain has no Service VIP (no kube-proxy here): its baseline is the pod IP.
-        plain_runs.push(measure("pclient", &pserver_ip, &pserver_ip)?);
-        mesh_runs.push(measure("client", &server_ip, BENCH_VIP)?);
+        plain_runs.push(measure(
+            "pclient",
+            &pserver_ip,
+            &pserver_ip,
+            ("pbulk-client", &pbulk_server_ip),
+        )?);
+        mesh_runs.push(measure(
+            "client",
+            &server_ip,
+            BENCH_VIP,
+            ("bulk-client", &bulk_server_ip),
+        )?);
     }
     let (plain, mesh) = (medians(&plain_runs), medians(&mesh_runs));
     let names: [(&str, &str, bool, &str); 8] = [
@@ -498,6 +566,32 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
             plain: Some(plain[i]),
             mesh: mesh[i],
             higher_better,
+            target,
+        });
+    }
+
+    // Tail latency, idle and beside another pair's bulk traffic through the same agents
+    // (head-of-line blocking on a shared tunnel or a busy agent shows here).
+    let tails: [(&str, usize, &str); 3] = [
+        ("round trip 64 B, p99.9", 14, "(reported)"),
+        (
+            "round trip 64 B, p99, beside 2 Gbit/s bulk",
+            15,
+            "(reported)",
+        ),
+        (
+            "round trip 64 B, p99.9, beside 2 Gbit/s bulk",
+            16,
+            "(reported)",
+        ),
+    ];
+    for (name, i, target) in tails {
+        rows.push(Row {
+            name,
+            unit: "µs",
+            plain: Some(plain[i]),
+            mesh: mesh[i],
+            higher_better: false,
             target,
         });
     }
@@ -588,14 +682,14 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<40} {:>12} {:>12} {:>9}  {:<8} target",
+        "{:<46} {:>12} {:>12} {:>9}  {:<8} target",
         "metric", "plain", "meshlet", "ratio", "unit"
     );
     let mut json_rows = Vec::new();
     for r in &rows {
         let ratio = r.plain.map(|p| if p > 0.0 { r.mesh / p } else { 0.0 });
         println!(
-            "{:<40} {:>12} {:>12.2} {:>9}  {:<8} {}",
+            "{:<46} {:>12} {:>12.2} {:>9}  {:<8} {}",
             r.name,
             r.plain
                 .map(|p| format!("{p:.2}"))

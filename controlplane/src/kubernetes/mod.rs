@@ -723,7 +723,9 @@ mod tests {
     fn nodes_being_deleted_are_not_members() {
         let nodes: Vec<Arc<Node>> = vec![
             from(json!({"metadata": {"name": "node-1"}})),
-            from(json!({"metadata": {"name": "node-2", "deletionTimestamp": "2026-11-30T10:00:00Z"}})),
+            from(
+                json!({"metadata": {"name": "node-2", "deletionTimestamp": "2026-11-30T10:00:00Z"}}),
+            ),
         ];
         let members = members(&nodes);
         assert_eq!(members, ["node-1".to_string()].into());
