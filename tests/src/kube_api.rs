@@ -14,6 +14,10 @@
 //!   after N, from a bounded history; a version older than the history gets the `ERROR` event
 //!   with a `Status` of code 410 (`Expired`), as the real server does; no version: the current
 //!   objects as `ADDED` first;
+//! - paged lists (`limit`, `continue`; `metadata.continue` and `remainingItemCount`), each page
+//!   from the snapshot the first one was cut from, as etcd serves them; a continue token that
+//!   has expired (after [`PAGE_LIFETIME`], or pushed out by [`OPEN_LISTS`] newer ones) gets 410
+//!   `Expired`. kube-rs's watcher lists in pages of 500, kubectl in chunks of 500;
 //! - errors as `Status` objects (`NotFound`, `AlreadyExists`, `Conflict`, `Expired`).
 //!
 //! Tests can cut every open watch, forget the history (forcing 410 on resume) and stop
@@ -168,6 +172,26 @@ struct Event {
     version: u64,
 }
 
+/// How long a paged list's continue token lasts (the API server's default etcd compaction
+/// interval: past it the snapshot is gone).
+pub const PAGE_LIFETIME: Duration = Duration::from_secs(300);
+/// How many paged lists may be open at once; the oldest token expires first.
+pub const OPEN_LISTS: usize = 64;
+
+/// The rest of paged lists, by continue token: what is left of the snapshot their first page
+/// was cut from.
+#[derive(Default)]
+struct Pages {
+    next: u64,
+    open: BTreeMap<u64, Page>,
+}
+
+struct Page {
+    created: std::time::Instant,
+    resource_version: String,
+    rest: VecDeque<Value>,
+}
+
 #[derive(Default)]
 struct Objects {
     version: u64,
@@ -181,6 +205,7 @@ struct Objects {
 /// The emulated API server's state, shared by its handlers and the lab.
 pub struct KubeApi {
     objects: Mutex<Objects>,
+    pages: Mutex<Pages>,
     events: broadcast::Sender<Event>,
     /// Bumped to end every open watch.
     cuts: broadcast::Sender<()>,
@@ -266,6 +291,7 @@ impl KubeApi {
         let (ca_pem, tls) = serving_tls()?;
         let api = Arc::new(Self {
             objects: Mutex::new(Objects::default()),
+            pages: Mutex::new(Pages::default()),
             events: broadcast::channel(HISTORY).0,
             cuts: broadcast::channel(4).0,
             down: AtomicBool::new(false),
@@ -768,7 +794,7 @@ impl KubeApi {
             (&Method::GET, None) if is_true(query.get("watch")) => {
                 return self.watch(target, &query);
             }
-            (&Method::GET, None) => Ok(self.list(&target, &query)),
+            (&Method::GET, None) => self.list(&target, &query),
             (&Method::GET, Some(name)) => self
                 .get(
                     target.resource,
@@ -849,24 +875,104 @@ impl KubeApi {
         self.update(target.resource, namespace, name, object, target.subresource)
     }
 
-    fn list(&self, target: &Target, query: &BTreeMap<String, String>) -> Value {
-        let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
-        let items: Vec<Value> = objects
-            .items
-            .iter()
-            .filter(|((plural, ns, _), object)| {
-                *plural == target.resource.plural
-                    && target.namespace.as_ref().is_none_or(|want| want == ns)
-                    && selected(object, query)
-            })
-            .map(|(_, object)| object.clone())
-            .collect();
-        json!({
+    fn list(&self, target: &Target, query: &BTreeMap<String, String>) -> Result<Value, ApiError> {
+        let limit = match query.get("limit").filter(|l| !l.is_empty()) {
+            Some(l) => match l.parse::<usize>() {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(_) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("limit {l:?} is not a number"),
+                    ))
+                }
+            },
+            None => None,
+        };
+        let (resource_version, mut items) = match query.get("continue").filter(|c| !c.is_empty()) {
+            Some(token) => self.next_page(token)?,
+            None => {
+                let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+                let items: VecDeque<Value> = objects
+                    .items
+                    .iter()
+                    .filter(|((plural, ns, _), object)| {
+                        *plural == target.resource.plural
+                            && target.namespace.as_ref().is_none_or(|want| want == ns)
+                            && selected(object, query)
+                    })
+                    .map(|(_, object)| object.clone())
+                    .collect();
+                (objects.version.to_string(), items)
+            }
+        };
+        let mut metadata = json!({ "resourceVersion": resource_version });
+        let page: Vec<Value> = match limit {
+            Some(n) if items.len() > n => {
+                let page = items.drain(..n).collect();
+                metadata["remainingItemCount"] = json!(items.len());
+                metadata["continue"] = json!(self.keep_rest(&resource_version, items));
+                page
+            }
+            _ => items.into(),
+        };
+        Ok(json!({
             "kind": format!("{}List", target.resource.kind),
             "apiVersion": target.resource.api_version(),
-            "metadata": { "resourceVersion": objects.version.to_string() },
-            "items": items,
-        })
+            "metadata": metadata,
+            "items": page,
+        }))
+    }
+
+    /// Keeps what is left of a paged list; answers its continue token.
+    fn keep_rest(&self, resource_version: &str, rest: VecDeque<Value>) -> String {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        pages
+            .open
+            .retain(|_, page| page.created.elapsed() < PAGE_LIFETIME);
+        while pages.open.len() >= OPEN_LISTS {
+            pages.open.pop_first();
+        }
+        pages.next += 1;
+        let id = pages.next;
+        pages.open.insert(
+            id,
+            Page {
+                created: std::time::Instant::now(),
+                resource_version: resource_version.to_string(),
+                rest,
+            },
+        );
+        // Opaque to clients, like the real server's (base64 of its own JSON).
+        format!("emu-{resource_version}-{id}")
+    }
+
+    /// The rest of the paged list `token` continues, as of its first page.
+    fn next_page(&self, token: &str) -> Result<(String, VecDeque<Value>), ApiError> {
+        let expired = || {
+            ApiError::new(
+                StatusCode::GONE,
+                "Expired",
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+            )
+        };
+        let id: u64 = token
+            .rsplit_once('-')
+            .and_then(|(_, id)| id.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("continue token {token:?} is not valid"),
+                )
+            })?;
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let page = pages.open.remove(&id).ok_or_else(expired)?;
+        if page.created.elapsed() >= PAGE_LIFETIME {
+            return Err(expired());
+        }
+        Ok((page.resource_version, page.rest))
     }
 
     fn watch(self: Arc<Self>, target: Target, query: &BTreeMap<String, String>) -> Response {
