@@ -294,12 +294,19 @@ fn with_cpu<T>(
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A memory figure of /proc/PID/status, in KiB: `VmRSS` (all resident pages, the binary's
+/// code among them, shared with every process that maps it and dropped under pressure) or
+/// `RssAnon` (the process's own: heap, stacks, buffers).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")
+        .with_context(|| format!("{field} of /proc/{pid}/status"))
 }
 
 struct Row {
@@ -360,6 +367,7 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
     let agent2 = lab.agent_pid("node-2").context("node-2 agent")?;
     std::thread::sleep(Duration::from_millis(500));
     let idle_rss = (rss_kib(agent1)?, rss_kib(agent2)?);
+    let idle_anon = status_kib(agent1, "RssAnon")?;
 
     let mut servers = Servers(Vec::new());
     let probe = bin_dir.join("meshlet-lab-probe");
@@ -661,6 +669,14 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
         mesh: idle_rss.0 / 1024.0,
         higher_better: false,
         target: "≤ 20 MB",
+    });
+    rows.push(Row {
+        name: "of which anonymous (heap, stacks), node-1",
+        unit: "MiB",
+        plain: None,
+        mesh: idle_anon / 1024.0,
+        higher_better: false,
+        target: "(reported)",
     });
     rows.push(Row {
         name: "agent RSS per idle connection, node-1",
