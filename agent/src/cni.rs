@@ -16,7 +16,7 @@ use meshlet_proto::{
     cni_socket,
     v1::{cni_reply::Outcome, cni_request::Command, CniReply, CniRequest},
 };
-use nix::sys::socket::{self, sockopt, Backlog, SockFlag, UnixAddr};
+use nix::sys::socket::{self, Backlog, SockFlag, UnixAddr};
 use tokio::io::unix::AsyncFd;
 
 use crate::{pods::PodRegistry, state::Membership};
@@ -124,21 +124,14 @@ pub async fn serve(listener: AsyncFd<OwnedFd>, pods: Arc<PodRegistry>) {
     }
 }
 
-/// Only root on this node may enroll or remove pods (the socket is 0600 root as well).
+/// Only root on this node may enroll or remove pods.
 fn caller_is_root(conn: &OwnedFd) -> bool {
-    match socket::getsockopt(conn, sockopt::PeerCredentials) {
-        Ok(cred) if cred.uid() == 0 => true,
-        Ok(cred) => {
-            tracing::warn!(target: "audit", event = "cni_caller_refused", uid = cred.uid(),
-                pid = cred.pid(), "refused a CNI-socket caller that is not root");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(target: "audit", event = "cni_caller_refused",
-                "refused a CNI-socket caller whose credentials cannot be read: {e}");
-            false
-        }
-    }
+    crate::local_caller::require_root(conn)
+        .inspect_err(|e| {
+            tracing::warn!(target: "audit", event = "cni_caller_refused", error = %e,
+                "refused a CNI-socket caller")
+        })
+        .is_ok()
 }
 
 async fn serve_one(conn: OwnedFd, pods: &PodRegistry) -> std::io::Result<()> {

@@ -37,7 +37,7 @@ use meshlet_proto::{
         HandoverPause, HandoverPaused, HandoverPod, HandoverReleased, HandoverTaken, ListenerKind,
     },
 };
-use nix::sys::socket::{self, sockopt, SockFlag};
+use nix::sys::socket::{self, SockFlag};
 use tokio::io::unix::AsyncFd;
 
 use crate::pods::{HandedPod, PodRegistry};
@@ -96,17 +96,10 @@ fn name(kind: &Kind) -> String {
     .into()
 }
 
-/// Only root may be on the other end (the socket is 0600 root as well).
+/// Only root may be on the other end.
 fn check_peer(socket: BorrowedFd<'_>) -> Result<(), HandoverError> {
-    let cred = socket::getsockopt(&socket, sockopt::PeerCredentials)?;
-    if cred.uid() != 0 {
-        return Err(HandoverError::Invalid(format!(
-            "the other end (pid {}) is not root (uid {})",
-            cred.pid(),
-            cred.uid()
-        )));
-    }
-    Ok(())
+    crate::local_caller::require_root(&socket)
+        .map_err(|e| HandoverError::Invalid(format!("the other end: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ pub mod handover;
 pub mod identity;
 pub mod inbound;
 pub mod limits;
+pub mod local_caller;
 pub mod logging;
 pub mod metrics;
 pub mod netns;

@@ -638,21 +638,14 @@ fn bind_node_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixLi
     Ok(listener)
 }
 
-/// Whether a node-socket caller may use the API: root only (`SO_PEERCRED`).
+/// Whether a node-socket caller may use the API: root only.
 fn node_caller_allowed(stream: &tokio::net::UnixStream) -> bool {
-    match stream.peer_cred() {
-        Ok(cred) if cred.uid() == 0 => true,
-        Ok(cred) => {
-            tracing::warn!(target: "audit", event = "node_api_refused", uid = cred.uid(),
-                pid = ?cred.pid(), "refused a node-socket caller that is not root");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(target: "audit", event = "node_api_refused",
-                "refused a node-socket caller whose credentials cannot be read: {e}");
-            false
-        }
-    }
+    crate::local_caller::require_root(stream)
+        .inspect_err(|e| {
+            tracing::warn!(target: "audit", event = "node_api_refused", error = %e,
+                "refused a node-socket caller")
+        })
+        .is_ok()
 }
 
 async fn shutdown_signal() {
