@@ -18,6 +18,8 @@
 //!   from the snapshot the first one was cut from, as etcd serves them; a continue token that
 //!   has expired (after [`PAGE_LIFETIME`], or pushed out by [`OPEN_LISTS`] newer ones) gets 410
 //!   `Expired`. kube-rs's watcher lists in pages of 500, kubectl in chunks of 500;
+//! - custom resources held to the chart's CRD schemas ([`crate::kube_schema`]): undeclared
+//!   fields pruned, or refused under `fieldValidation=Strict`; types and enums checked;
 //! - errors as `Status` objects (`NotFound`, `AlreadyExists`, `Conflict`, `Expired`).
 //!
 //! Tests can cut every open watch, forget the history (forcing 410 on resume) and stop
@@ -223,6 +225,43 @@ pub struct KubeApi {
     /// only over TLS, as kubectl does.
     ca_pem: String,
     pub addr: SocketAddr,
+}
+
+/// Holds `object` to its kind's schema (see [`crate::kube_schema`]), as the API server does on
+/// every write.
+fn admit(resource: Resource, object: &mut Value, strict: bool) -> Result<(), ApiError> {
+    use crate::kube_schema::SchemaError;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    crate::kube_schema::admit(resource.group, resource.plural, object, strict).map_err(
+        |e| match e {
+            SchemaError::Unknown(fields) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!(
+                    "{}: strict decoding error: {}",
+                    resource.kind,
+                    fields
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            SchemaError::Invalid(errors) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!(
+                    "{}.{} \"{name}\" is invalid: [{}]",
+                    resource.kind,
+                    resource.group,
+                    errors.join(", ")
+                ),
+            ),
+        },
+    )
 }
 
 /// An API error, answered as a `Status`.
@@ -555,13 +594,15 @@ impl KubeApi {
     }
 
     /// Creates `object` (of `resource`, in `namespace` when namespaced).
-    pub fn create(&self, resource: Resource, object: Value) -> Result<Value, ApiError> {
+    pub fn create(&self, resource: Resource, mut object: Value) -> Result<Value, ApiError> {
+        admit(resource, &mut object, true)?;
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
         self.create_in(resource, namespace.as_deref(), object)
     }
 
     /// Replaces `object` (metadata.name and namespace name it), keeping its uid.
-    pub fn replace(&self, resource: Resource, object: Value) -> Result<Value, ApiError> {
+    pub fn replace(&self, resource: Resource, mut object: Value) -> Result<Value, ApiError> {
+        admit(resource, &mut object, true)?;
         let namespace = object["metadata"]["namespace"]
             .as_str()
             .unwrap_or_default()
@@ -790,6 +831,8 @@ impl KubeApi {
         if let Err(e) = self.authorize(&headers, verb, &target) {
             return e.into_response();
         }
+        // Unset, the real server's default is to warn and prune; kubectl asks for Strict.
+        let strict = query.get("fieldValidation").map(String::as_str) == Some("Strict");
         let result = match (&method, &target.name) {
             (&Method::GET, None) if is_true(query.get("watch")) => {
                 return self.watch(target, &query);
@@ -813,7 +856,8 @@ impl KubeApi {
             (&Method::POST, None) => {
                 return match serde_json::from_slice::<Value>(&body)
                     .map_err(|e| bad_request(&e))
-                    .and_then(|object| {
+                    .and_then(|mut object| {
+                        admit(target.resource, &mut object, strict)?;
                         self.create_in(target.resource, target.namespace.as_deref(), object)
                     }) {
                     Ok(created) => (StatusCode::CREATED, json_body(&created)).into_response(),
@@ -822,7 +866,8 @@ impl KubeApi {
             }
             (&Method::PUT, Some(name)) => serde_json::from_slice::<Value>(&body)
                 .map_err(|e| bad_request(&e))
-                .and_then(|object| {
+                .and_then(|mut object| {
+                    admit(target.resource, &mut object, strict)?;
                     self.update(
                         target.resource,
                         target.namespace.as_deref().unwrap_or(""),
@@ -843,7 +888,7 @@ impl KubeApi {
                         "JSON patches are not supported by this emulation; use a merge patch",
                     ))
                 } else {
-                    self.patch(&target, name, &body)
+                    self.patch(&target, name, &body, strict)
                 }
             }
             (&Method::DELETE, Some(name)) => self.delete(
@@ -863,13 +908,20 @@ impl KubeApi {
         }
     }
 
-    fn patch(&self, target: &Target, name: &str, body: &[u8]) -> Result<Value, ApiError> {
+    fn patch(
+        &self,
+        target: &Target,
+        name: &str,
+        body: &[u8],
+        strict: bool,
+    ) -> Result<Value, ApiError> {
         let patch: Value = serde_json::from_slice(body).map_err(|e| bad_request(&e))?;
         let namespace = target.namespace.as_deref().unwrap_or("");
         let mut object = self
             .get(target.resource, namespace, name)
             .ok_or_else(|| not_found(target.resource, name))?;
         merge_patch(&mut object, &patch);
+        admit(target.resource, &mut object, strict)?;
         // A patch applies to the current version.
         object["metadata"]["resourceVersion"] = Value::Null;
         self.update(target.resource, namespace, name, object, target.subresource)

@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod cni;
 pub mod kube_api;
+pub mod kube_schema;
 pub mod lab;
 pub mod net;
 pub mod netns;

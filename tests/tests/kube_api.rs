@@ -240,3 +240,41 @@ fn lists_come_in_pages_from_one_snapshot_and_old_continue_tokens_expire() {
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), pods + 1);
 }
+
+#[test]
+fn custom_resources_are_held_to_the_charts_crd_schemas() {
+    let (_runtime, api) = start();
+    api.create(NAMESPACES, json!({"metadata": {"name": "default"}}))
+        .expect("namespace");
+    let kubectl = Kubectl::new(&api);
+    let policy = |mtls: &str| {
+        format!("apiVersion: security.meshlet.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: default\nspec:\n  mtls:\n    {mtls}\n")
+    };
+    // A typo: kubectl validates strictly, and the server names the field.
+    let (ok, out, err) = kubectl.run(&["create", "-f", "-"], Some(&policy("mod: STRICT")));
+    assert!(
+        !ok,
+        "a PeerAuthentication with spec.mtls.mod was accepted: {out}"
+    );
+    assert!(err.contains("unknown field \"spec.mtls.mod\""), "{err}");
+    // A mode that is not one: refused whatever the validation asked for.
+    let (ok, _, err) = kubectl.run(
+        &["create", "--validate=false", "-f", "-"],
+        Some(&policy("mode: STRCT")),
+    );
+    assert!(!ok && err.contains("Unsupported value: \"STRCT\""), "{err}");
+    // Without strict validation the typo is pruned, as the real server prunes it.
+    let (ok, _, err) = kubectl.run(
+        &["create", "--validate=false", "-f", "-"],
+        Some(&policy("mod: STRICT")),
+    );
+    assert!(ok, "{err}");
+    let stored = api
+        .get(
+            meshlet_lab::kube_api::PEER_AUTHENTICATIONS,
+            "default",
+            "strict",
+        )
+        .expect("stored");
+    assert_eq!(stored["spec"]["mtls"], json!({}), "{stored}");
+}
