@@ -274,7 +274,7 @@ pub async fn watch_cluster(
             .collect();
     let cluster = Cluster {
         namespaces: reflect(Api::all(client.clone()), watching.clone()),
-        nodes: reflect(Api::all(client.clone()), watching.clone()),
+        nodes: reflect_nodes(Api::all(client.clone()), watching.clone()),
         pods: reflect(Api::all(client.clone()), watching.clone()),
         services: reflect(Api::all(client.clone()), watching.clone()),
         slices: reflect(Api::all(client.clone()), watching.clone()),
@@ -379,7 +379,7 @@ fn reflect_dynamic(client: Client, api: &ApiResource, watching: Watching) -> Sto
         )
         .default_backoff(),
     );
-    drive(stream, api.kind.clone(), watching);
+    drive(stream, api.kind.clone(), watching, || true);
     reader
 }
 
@@ -391,11 +391,13 @@ struct Watching {
 }
 
 /// Runs a reflector's stream for as long as the control plane runs, notifying `changed` on
-/// each event; errors (the API away, a watch refused) are logged and retried by the stream.
+/// each event that `relevant` says matters; errors (the API away, a watch refused) are logged
+/// and retried by the stream.
 fn drive<E: std::fmt::Display>(
     stream: impl futures::Stream<Item = Result<impl Send, E>> + Send + 'static,
     kind: String,
     watching: Watching,
+    mut relevant: impl FnMut() -> bool + Send + 'static,
 ) {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -403,7 +405,9 @@ fn drive<E: std::fmt::Display>(
             match event {
                 Ok(_) => {
                     watching.health.kubernetes_ok();
-                    watching.changed.notify_one();
+                    if relevant() {
+                        watching.changed.notify_one();
+                    }
                 }
                 Err(e) => {
                     // Said once per outage (by the health); each retry only at debug.
@@ -437,7 +441,36 @@ where
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
-    drive(stream, K::kind(&()).to_string(), watching);
+    drive(stream, K::kind(&()).to_string(), watching, || true);
+    reader
+}
+
+/// A reflector of the cluster's Nodes, of which only names and deletion matter here: each is
+/// kept as its name and deletion timestamp (a Node's status is large and changes at every
+/// kubelet report), and only a change of the member set rebuilds the mesh.
+fn reflect_nodes(api: Api<Node>, watching: Watching) -> Store<Node> {
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|node: &mut Node| {
+                node.spec = None;
+                node.status = None;
+                let meta = &mut node.metadata;
+                meta.managed_fields = None;
+                meta.annotations = None;
+                meta.labels = None;
+            }),
+    );
+    let store = reader.clone();
+    let mut last = None;
+    drive(stream, "Node".into(), watching, move || {
+        let now = members(&store.state());
+        let changed = last.as_ref() != Some(&now);
+        last = Some(now);
+        changed
+    });
     reader
 }
 
