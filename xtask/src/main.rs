@@ -274,6 +274,7 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
 }
 
 fn test() -> anyhow::Result<()> {
+    warn_if_disk_is_short();
     setup()?;
     let bin_dir = build(false)?;
     run(Command::new("cargo")
@@ -371,6 +372,23 @@ fn test() -> anyhow::Result<()> {
         bail!("the tests left lab pieces behind: {leftovers:?}");
     }
     Ok(())
+}
+
+/// Free disk a clean run wants: its build trees took 7.5 GiB (target 5.4, fuzz/target 2.1)
+/// when this was written, with the image and the lab's files on top.
+const TEST_DISK_WANTED_GIB: u64 = 12;
+
+/// Says at the start, not 40 minutes into a build, when the disk looks too small for a run.
+fn warn_if_disk_is_short() {
+    if let Ok(stat) = nix::sys::statvfs::statvfs(&root()) {
+        let free_gib = (stat.blocks_available() * stat.fragment_size()) >> 30;
+        if free_gib < TEST_DISK_WANTED_GIB {
+            eprintln!(
+                "xtask: warning: {free_gib} GiB free under {}; a clean test run wants about {TEST_DISK_WANTED_GIB} GiB (`cargo clean` frees old build trees)",
+                root().display()
+            );
+        }
+    }
 }
 
 /// What the build trees take and what is left on their disk: a CI run once failed on a full disk,
