@@ -148,7 +148,8 @@ fn sockperf(lab: &Lab, pod: &str, ip: &str, seconds: u32) -> anyhow::Result<(f64
 const BULK_RATE: &str = "2G";
 
 /// Runs `f` while `pod` sends bulk traffic to `ip` (iperf3, one stream at [`BULK_RATE`]),
-/// started a second before `f` and lasting past it.
+/// started a second before `f` and lasting well past it (killed after); fails when the bulk load did not last
+/// (a "loaded" figure measured without its load would pass for one).
 fn with_bulk<T>(
     lab: &Lab,
     pod: &str,
@@ -159,15 +160,26 @@ fn with_bulk<T>(
     let mut bulk = lab
         .command_in(pod, "iperf3")?
         .args(["-c", ip, "-p", "5201", "-b", BULK_RATE, "-t"])
-        .arg((seconds + 3).to_string())
+        .arg((2 * seconds + 10).to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("iperf3 in {pod}"))?;
     std::thread::sleep(Duration::from_secs(1));
     let value = f();
+    let ended_early = bulk.try_wait()?;
     let _ = bulk.kill();
     let _ = bulk.wait();
+    if let Some(status) = ended_early {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = bulk.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        bail!(
+            "the bulk load from {pod} to {ip} ended before the measurement did ({status}): {}",
+            stderr.trim()
+        );
+    }
     value
 }
 
@@ -371,13 +383,16 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
 
     let mut servers = Servers(Vec::new());
     let probe = bin_dir.join("meshlet-lab-probe");
-    for pod in ["server", "pserver"] {
+    // Every server pod takes iperf3 (the bulk pairs' only tool); the measured ones the rest.
+    for pod in ["server", "pserver", "bulk-server", "pbulk-server"] {
         servers.0.push(
             lab.command_in(pod, "iperf3")?
                 .args(["-s", "-p", "5201"])
                 .stdout(Stdio::null())
                 .spawn()?,
         );
+    }
+    for pod in ["server", "pserver"] {
         servers.0.push(
             lab.command_in(pod, "sockperf")?
                 .args(["server", "--tcp", "-i", "0.0.0.0", "-p", "11111"])
@@ -396,14 +411,6 @@ pub fn run(bin_dir: &Path, plan: Plan) -> anyhow::Result<()> {
                     "--protected-mode",
                     "no",
                 ])
-                .stdout(Stdio::null())
-                .spawn()?,
-        );
-    }
-    for pod in ["bulk-server", "pbulk-server"] {
-        servers.0.push(
-            lab.command_in(pod, "iperf3")?
-                .args(["-s", "-p", "5201"])
                 .stdout(Stdio::null())
                 .spawn()?,
         );
