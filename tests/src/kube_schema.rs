@@ -52,22 +52,7 @@ pub fn admit(
         return Ok(());
     };
     let (mut unknown, mut invalid) = (Vec::new(), Vec::new());
-    if let Some(fields) = object.as_object_mut() {
-        for (name, value) in fields.iter_mut() {
-            // The API server's own fields, whatever the schema says.
-            if matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
-                continue;
-            }
-            match schema["properties"].get(name) {
-                Some(field) => check(field, value, name, strict, &mut unknown, &mut invalid),
-                None => unknown.push(name.clone()),
-            }
-        }
-        if !strict {
-            fields.retain(|name, _| !unknown.contains(name));
-            unknown.clear();
-        }
-    }
+    check(schema, object, "", strict, &mut unknown, &mut invalid);
     if !unknown.is_empty() {
         return Err(SchemaError::Unknown(unknown));
     }
@@ -117,9 +102,17 @@ fn check(
             {
                 return;
             }
+            let join = |name: &str| match path {
+                "" => name.to_string(),
+                _ => format!("{path}.{name}"),
+            };
             let mut undeclared = Vec::new();
             for (name, field_value) in fields.iter_mut() {
-                let field_path = format!("{path}.{name}");
+                // The API server's own fields, whatever the schema says.
+                if path.is_empty() && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let field_path = join(name);
                 match (
                     schema["properties"].get(name),
                     schema.get("additionalProperties"),
@@ -136,7 +129,7 @@ fn check(
                 }
             }
             if strict {
-                unknown.extend(undeclared.iter().map(|name| format!("{path}.{name}")));
+                unknown.extend(undeclared.iter().map(|name| join(name)));
             } else {
                 fields.retain(|name, _| !undeclared.contains(name));
             }
