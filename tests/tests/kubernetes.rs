@@ -476,6 +476,14 @@ fn istio_shaped_policies_applied_with_kubectl_change_what_reaches_the_app() {
     );
 }
 
+/// Whether one line of the control plane's log has every one of `needles`.
+fn control_plane_logged(lab: &Lab, needles: &[&str]) -> bool {
+    std::fs::read_to_string(&lab.topology.controlplane_log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| needles.iter().all(|n| l.contains(n)))
+}
+
 #[test]
 fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
     let lab = up_kubernetes(&pods()[..2]);
@@ -551,13 +559,15 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
         let agent = ExtraAgent::start(&lab, &scratch, node, auth, 15201 + i as u16);
         agent.wait_for(reason);
         drop(agent);
-        let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
         assert!(
-            cp_log
-                .lines()
-                .any(|l| l.contains("event=\"node_join_refused\"")
-                    && l.contains("method=\"kubernetes\"")
-                    && l.contains(reason)),
+            control_plane_logged(
+                &lab,
+                &[
+                    "event=\"node_join_refused\"",
+                    "method=\"kubernetes\"",
+                    reason
+                ]
+            ),
             "the control plane did not audit the refusal ({reason})"
         );
         println!("{node}: refused, {reason}");
@@ -574,13 +584,15 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
         15210,
     );
     agent.wait_for("not a node of the cluster");
-    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
     assert!(
-        cp_log
-            .lines()
-            .any(|l| l.contains("event=\"node_join_refused\"")
-                && l.contains("node=node-x")
-                && l.contains("not a node of the cluster")),
+        control_plane_logged(
+            &lab,
+            &[
+                "event=\"node_join_refused\"",
+                "node=node-x",
+                "not a node of the cluster"
+            ]
+        ),
         "the control plane did not audit the join of a node that is not in the cluster"
     );
     println!("node-x without a Node object: refused");
@@ -597,13 +609,11 @@ fn nodes_join_with_their_agent_pods_service_account_token_and_nothing_else() {
     let (ok, _, stderr) = kubectl(&lab, &["delete", "node", "node-x"], None);
     assert!(ok, "kubectl delete node: {stderr}");
     agent.wait_for_line(&["discovery stream failed", "not a node of the cluster"]);
-    let cp_log = std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default();
     for event in ["node_removed", "discovery_refused"] {
         assert!(
-            cp_log
-                .lines()
-                .any(|l| l.contains(&format!("event=\"{event}\"")) && l.contains("node-x")),
-            "no {event} audit for node-x:\n{cp_log}"
+            control_plane_logged(&lab, &[&format!("event=\"{event}\""), "node-x"]),
+            "no {event} audit for node-x:\n{}",
+            std::fs::read_to_string(&lab.topology.controlplane_log).unwrap_or_default()
         );
     }
     println!("node-x deleted: discovery cut, audited");
