@@ -262,18 +262,8 @@ async fn tunnel_to(
     let (checkout, send, answer, traceparent) = loop {
         tries += 1;
         let checkout = {
-            let client_leaf = own_certificate
-                .certified_key
-                .cert
-                .first()
-                .map(|c| tunnel::pool::fingerprint(c))
-                .unwrap_or_default();
-            let signer = agent
-                .bundle
-                .current()
-                .signer_chain
-                .first()
-                .map(|c| tunnel::pool::fingerprint(c));
+            let client_leaf = own_certificate.leaf_fingerprint;
+            let signer = agent.bundle.current().signer_fingerprint;
             // New streams only on a connection made with our current certificate and, once the CA
             // signs with a new signer, with a server certificate from it.
             let now = std::time::SystemTime::now();

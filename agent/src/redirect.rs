@@ -165,18 +165,18 @@ fn other_layout_pins(pin_dir: &Path, name: &str, current: u32) -> Vec<PathBuf> {
 /// as this layout's types: a layout whose entries differ needs its conversion written here,
 /// and until it is, the agent refuses to start (the running agent, or the pinned programs
 /// that refuse the pods' connects, keep the node fail-closed).
+///
+/// `others` are the other-layout pins of every pinned map, as found once at the start.
 fn migrate<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &Path,
+    others: &[(&'static str, Vec<PathBuf>)],
     name: &'static str,
-    layout_bump: u32,
     into: &mut HashMap<MapData, K, V>,
 ) -> Result<(), RedirectError> {
-    let current = PINNED_MAPS
+    let Some(from) = others
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v + layout_bump)
-        .unwrap_or(0);
-    let Some(from) = other_layout_pins(pin_dir, name, current).into_iter().next() else {
+        .and_then(|(_, pins)| pins.first())
+    else {
         return Ok(());
     };
     let error = |detail: String| RedirectError::Migrate {
@@ -184,7 +184,7 @@ fn migrate<K: aya::Pod, V: aya::Pod>(
         from: from.clone(),
         detail,
     };
-    let data = MapData::from_pin(&from).map_err(|e| error(e.to_string()))?;
+    let data = MapData::from_pin(from).map_err(|e| error(e.to_string()))?;
     let old: HashMap<MapData, K, V> =
         HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| error(e.to_string()))?;
     let mut copied = 0usize;
@@ -263,11 +263,11 @@ impl Redirect {
             .map_max_entries("ORIG_DST_BY_CONN_V2", max_connections);
         // Each pinned map at the path of its layout version; pins of other versions (a
         // predecessor's, or a previous agent's) are migrated from and removed once unused.
-        let mut other_layouts = Vec::new();
+        let mut others: Vec<(&'static str, Vec<PathBuf>)> = Vec::new();
         for &(name, version) in PINNED_MAPS {
             let version = version + layout_bump;
             loader.map_pin_path(name, map_pin(pin_dir, name, version));
-            other_layouts.extend(other_layout_pins(pin_dir, name, version));
+            others.push((name, other_layout_pins(pin_dir, name, version)));
         }
         let mut ebpf = loader.load(PROGRAMS)?;
         start_kernel_log(&mut ebpf);
@@ -301,8 +301,8 @@ impl Redirect {
         // A new layout starts where the old one is: which pods are enrolled and which
         // addresses captured, before the new programs are attached (no moment in which an
         // enrolled pod's connects leave unredirected).
-        migrate(pin_dir, "ENROLLED", layout_bump, &mut enrolled)?;
-        migrate(pin_dir, "INBOUND_CAPTURE", layout_bump, &mut capture)?;
+        migrate(&others, "ENROLLED", &mut enrolled)?;
+        migrate(&others, "INBOUND_CAPTURE", &mut capture)?;
         let cgroup_file = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -354,18 +354,8 @@ impl Redirect {
         // The old programs are detached now: the original destinations they recorded (the
         // connections that wait to be accepted) are copied over. Nothing accepts on this
         // agent's side yet; a predecessor reads its own maps.
-        migrate(
-            pin_dir,
-            "ORIG_DST_BY_COOKIE_V2",
-            layout_bump,
-            &mut by_cookie,
-        )?;
-        migrate(
-            pin_dir,
-            "ORIG_DST_BY_CONN_V2",
-            layout_bump,
-            &mut original_dst,
-        )?;
+        migrate(&others, "ORIG_DST_BY_COOKIE_V2", &mut by_cookie)?;
+        migrate(&others, "ORIG_DST_BY_CONN_V2", &mut original_dst)?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
         let exempt: HashMap<MapData, ExemptKey, u32> = take_map(&mut ebpf, "CAPTURE_EXEMPT_V2")?;
         let deliveries = take_map(&mut ebpf, "DELIVERIES")?;
@@ -384,7 +374,7 @@ impl Redirect {
             stats,
             agent_cgroup,
             agent_cgroups: Mutex::new(agent_cgroups),
-            other_layouts: Mutex::new(other_layouts),
+            other_layouts: Mutex::new(others.into_iter().flat_map(|(_, pins)| pins).collect()),
         })
     }
 

@@ -571,26 +571,35 @@ async fn ready_for(
     for identity in &wanted {
         identities.acquire(identity);
     }
-    loop {
-        let missing: Vec<String> = wanted
-            .iter()
-            .filter(|id| identities.current(id).is_err())
-            .map(|id| id.to_string())
-            .collect();
-        if missing.is_empty() {
-            return Ok(wanted);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            for identity in &wanted {
-                identities.release(identity);
+    // Each identity in turn: wait until its certificate is valid, woken by its issuance.
+    for identity in &wanted {
+        let Some(mut updates) = identities.watch(identity) else {
+            continue;
+        };
+        loop {
+            // Seen before it is checked: an issuance after the check wakes the wait below.
+            updates.borrow_and_update();
+            if identities.current(identity).is_ok() {
+                break;
             }
-            anyhow::bail!(
-                "no certificate within {timeout:?} for {}",
-                missing.join(", ")
-            );
+            let woken = tokio::time::timeout_at(deadline, updates.changed()).await;
+            if !matches!(woken, Ok(Ok(()))) {
+                let missing: Vec<String> = wanted
+                    .iter()
+                    .filter(|id| identities.current(id).is_err())
+                    .map(|id| id.to_string())
+                    .collect();
+                for identity in &wanted {
+                    identities.release(identity);
+                }
+                anyhow::bail!(
+                    "no certificate within {timeout:?} for {}",
+                    missing.join(", ")
+                );
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(wanted)
 }
 
 /// After a handover: waits for this agent's connections to end, at most `deadline`; what is

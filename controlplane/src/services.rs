@@ -101,27 +101,55 @@ pub struct NodeIdentity {
     pub registry: watch::Receiver<Snapshot>,
 }
 
+/// Which request a node certificate answers: what the audit log calls its outcomes.
+#[derive(Clone, Copy)]
+enum NodeRequest {
+    /// A first certificate, by join token or by the agent pod's service account token.
+    Join { method: &'static str },
+    /// A renewal, by the current node certificate.
+    Renewal,
+}
+
+impl NodeRequest {
+    fn method(self) -> &'static str {
+        match self {
+            NodeRequest::Join { method } => method,
+            NodeRequest::Renewal => "node_certificate",
+        }
+    }
+}
+
 impl NodeIdentity {
+    /// Signs a node certificate for a node whose claim was checked, if the node is (still) one
+    /// of the cluster: the one place that decides it for joins and renewals alike.
     fn issue(
         &self,
         node: &str,
         csr_pem: &str,
-        event: &str,
+        request: NodeRequest,
     ) -> Result<Response<NodeCertificateResponse>, Status> {
+        let (issued_event, refused_event) = match request {
+            NodeRequest::Join { .. } => ("node_joined", "node_join_refused"),
+            NodeRequest::Renewal => ("node_certificate_renewed", "node_certificate_refused"),
+        };
+        let method = request.method();
         if let Err(e) = self.registry.borrow().admits_node(node) {
-            tracing::warn!(target: "audit", event = "node_certificate_refused", %node, error = %e, "node certificate refused");
+            tracing::warn!(target: "audit", event = refused_event, %node, method, error = %e,
+                "node certificate refused");
             return Err(Status::permission_denied(e));
         }
         match self.ca.sign_node(csr_pem, node, self.lifetime) {
             Ok(issued) => {
-                tracing::info!(target: "audit", event, %node, serial = %issued.serial,
-                    lifetime_seconds = issued.lifetime.as_secs(), "node certificate issued");
+                tracing::info!(target: "audit", event = issued_event, %node, method,
+                    serial = %issued.serial, lifetime_seconds = issued.lifetime.as_secs(),
+                    "node certificate issued");
                 Ok(Response::new(NodeCertificateResponse {
                     chain_pem: issued.chain_pem,
                 }))
             }
             Err(e) => {
-                tracing::warn!(target: "audit", event = "node_certificate_refused", %node, error = %e, "node certificate refused");
+                tracing::warn!(target: "audit", event = refused_event, %node, method, error = %e,
+                    "node certificate refused");
                 Err(Status::invalid_argument(e.to_string()))
             }
         }
@@ -143,28 +171,25 @@ impl NodeIdentityService for NodeIdentity {
                     "this control plane does not read Kubernetes: join with a join token",
                 ));
             };
-            let reviewed = reviewer.check(&req.service_account_token, &req.node).await;
-            // The pod runs on the node it claims; the node must still be one of the cluster.
-            let admitted = self.registry.borrow().admits_node(&req.node);
-            return match (reviewed, admitted) {
-                (Ok(()), Ok(())) => self.issue(&req.node, &req.csr_pem, "node_joined"),
-                (Ok(()), Err(e)) => {
-                    tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
-                        method = "kubernetes", error = %e, "join refused");
-                    Err(Status::permission_denied(e))
-                }
-                (
-                    Err(
-                        e @ (crate::kubernetes::node_auth::NodeAuthError::Api(_)
-                        | crate::kubernetes::node_auth::NodeAuthError::Timeout(_)),
-                    ),
-                    _,
+            // The pod runs on the node it claims; `issue` checks that the node is (still) one
+            // of the cluster.
+            return match reviewer.check(&req.service_account_token, &req.node).await {
+                Ok(()) => self.issue(
+                    &req.node,
+                    &req.csr_pem,
+                    NodeRequest::Join {
+                        method: "kubernetes",
+                    },
+                ),
+                Err(
+                    e @ (crate::kubernetes::node_auth::NodeAuthError::Api(_)
+                    | crate::kubernetes::node_auth::NodeAuthError::Timeout(_)),
                 ) => {
                     tracing::error!(target: "audit", event = "node_join_refused", node = %req.node,
                         method = "kubernetes", error = %e, "join failed");
                     Err(Status::unavailable(e.to_string()))
                 }
-                (Err(e), _) => {
+                Err(e) => {
                     tracing::warn!(target: "audit", event = "node_join_refused", node = %req.node,
                         method = "kubernetes", error = %e, "join refused");
                     Err(Status::permission_denied(e.to_string()))
@@ -177,7 +202,13 @@ impl NodeIdentityService for NodeIdentity {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         match consumed {
-            Ok(()) => self.issue(&req.node, &req.csr_pem, "node_joined"),
+            Ok(()) => self.issue(
+                &req.node,
+                &req.csr_pem,
+                NodeRequest::Join {
+                    method: "join_token",
+                },
+            ),
             Err(e @ TokenError::Io { .. }) | Err(e @ TokenError::Corrupt { .. }) => {
                 tracing::error!(target: "audit", event = "node_join_refused", node = %req.node, error = %e, "join failed");
                 Err(Status::unavailable(e.to_string()))
@@ -194,11 +225,7 @@ impl NodeIdentityService for NodeIdentity {
         request: Request<RenewNodeCertificateRequest>,
     ) -> Result<Response<NodeCertificateResponse>, Status> {
         let node = node_of(&request)?;
-        self.issue(
-            &node,
-            &request.into_inner().csr_pem,
-            "node_certificate_renewed",
-        )
+        self.issue(&node, &request.into_inner().csr_pem, NodeRequest::Renewal)
     }
 }
 
@@ -238,14 +265,26 @@ impl DiscoveryService for Discovery {
                 ))
             }
         }
-        if let Err(e) = self.published.borrow().registry.admits_node(&node) {
-            tracing::warn!(target: "audit", event = "discovery_refused", %node, error = %e, "discovery refused");
-            return Err(Status::permission_denied(e));
-        }
-        tracing::info!(%node, "node connected to discovery");
-        let (tx, rx) = mpsc::channel(4);
         let mut published = self.published.clone();
         let trust_domain = self.trust_domain.clone();
+        // What the node may see now: nothing once it is no node of the cluster. The one check,
+        // for the stream's start and for every later version alike.
+        let view = move |published: &mut watch::Receiver<Published>, node: &str| {
+            let published = published.borrow_and_update();
+            published
+                .registry
+                .admits_node(node)
+                .map(|()| published.response(&trust_domain))
+        };
+        let first = match view(&mut published, &node) {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::warn!(target: "audit", event = "discovery_refused", %node, error = %e, "discovery refused");
+                return Err(Status::permission_denied(e));
+            }
+        };
+        tracing::info!(%node, "node connected to discovery");
+        let (tx, rx) = mpsc::channel(4);
         let push_node = node.clone();
         // Set by a NACK: the node could not apply what it was sent, so the next update is
         // the full state, whatever it holds.
@@ -254,19 +293,23 @@ impl DiscoveryService for Discovery {
         tokio::spawn(async move {
             // The last version this stream sent, as sent in full: the base of the next delta.
             let mut sent: Option<DiscoveryResponse> = None;
+            let mut next = Some(first);
             loop {
-                // A node removed from the cluster is cut off here, whatever it was sent.
-                let next = {
-                    let published = published.borrow_and_update();
-                    (published.registry.admits_node(&push_node))
-                        .map(|()| published.response(&trust_domain))
-                };
-                let full = match next {
-                    Ok(full) => full,
-                    Err(e) => {
-                        tracing::warn!(target: "audit", event = "discovery_refused", node = %push_node, error = %e, "discovery stream ended: not a node of the cluster");
-                        let _ = tx.send(Err(Status::permission_denied(e))).await;
-                        break;
+                let full = match next.take() {
+                    Some(full) => full,
+                    None => {
+                        if published.changed().await.is_err() {
+                            break;
+                        }
+                        // A node removed from the cluster is cut off here, whatever it was sent.
+                        match view(&mut published, &push_node) {
+                            Ok(full) => full,
+                            Err(e) => {
+                                tracing::warn!(target: "audit", event = "discovery_refused", node = %push_node, error = %e, "discovery stream ended: not a node of the cluster");
+                                let _ = tx.send(Err(Status::permission_denied(e))).await;
+                                break;
+                            }
+                        }
                     }
                 };
                 let base = sent
@@ -284,9 +327,6 @@ impl DiscoveryService for Discovery {
                     break;
                 }
                 sent = Some(full);
-                if published.changed().await.is_err() {
-                    break;
-                }
             }
             tracing::info!(node = %push_node, "discovery stream closed");
         });

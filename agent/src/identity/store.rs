@@ -49,6 +49,9 @@ pub struct WorkloadCertificate {
     pub issuer_chain: Vec<String>,
     /// When the agent will ask for the next certificate (half-life ± 10 %).
     pub renew_at: SystemTime,
+    /// The leaf's `tls::fingerprint`, computed once: every new connection compares it with
+    /// the pooled tunnels' credentials.
+    pub leaf_fingerprint: u64,
 }
 
 impl WorkloadCertificate {
@@ -140,6 +143,16 @@ impl IdentityStore {
             Some(cert) if cert.is_valid_at(SystemTime::now()) => Ok(cert),
             Some(_) => Err(IdentityError::Expired(identity.clone())),
         }
+    }
+
+    /// Follows the certificate of `identity` (None unless a pod holds it): changes whenever
+    /// it is issued or renewed, for callers that wait for one rather than poll.
+    pub fn watch(
+        &self,
+        identity: &SpiffeId,
+    ) -> Option<watch::Receiver<Option<Arc<WorkloadCertificate>>>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(identity).map(|entry| entry.current.clone())
     }
 
     /// After the trust bundle changed: renews at once every certificate that was issued by
@@ -247,7 +260,12 @@ impl IdentityStore {
             .not_after
             .duration_since(now)
             .unwrap_or(Duration::from_secs(1));
+        let leaf_fingerprint = chain
+            .first()
+            .map(|leaf| crate::tls::fingerprint(leaf))
+            .unwrap_or_default();
         Ok(WorkloadCertificate {
+            leaf_fingerprint,
             identity: identity.clone(),
             certified_key: Arc::new(CertifiedKey::new(chain, signer)),
             not_before: info.not_before,

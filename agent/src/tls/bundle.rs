@@ -41,6 +41,8 @@ pub struct BundleState {
     /// The chain the CA signs with now (signer first); empty when the control plane did not
     /// say.
     pub signer_chain: Vec<CertificateDer<'static>>,
+    /// The signer's `tls::fingerprint`, computed once (every new connection compares it).
+    pub signer_fingerprint: Option<u64>,
     /// What the control plane sent for all of the above (`BundleState::source_of`): an update
     /// that sends the same leaves the bundle, and every live tunnel's watcher, alone.
     pub source: u64,
@@ -140,6 +142,7 @@ impl BundleState {
             domains,
             crls,
             crl_summaries,
+            signer_fingerprint: signer_chain.first().map(|c| super::fingerprint(c)),
             signer_chain,
             source: Self::source_of(update),
         })

@@ -109,6 +109,18 @@ pub struct LeafInfo {
     pub issuer: String,
 }
 
+/// A certificate's DER, boiled down for comparing credentials on every checkout: a checkout
+/// may look at every connection of its destination (a hundred after a burst), and comparing
+/// whole certificates made that a measurable part of a new connection's cost. A collision
+/// would only let a stream onto a connection made with another certificate of ours that the
+/// peer verified, not past any check.
+pub fn fingerprint(der: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    der.hash(&mut hasher);
+    hasher.finish()
+}
+
 pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
     let to_time = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);

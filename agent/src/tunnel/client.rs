@@ -13,7 +13,7 @@ use socket2::Socket;
 use tokio::net::TcpSocket;
 
 use super::{
-    pool::{self, Credentials, PooledConnection},
+    pool::{Credentials, PooledConnection},
     TunnelError, CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW,
 };
 use crate::{
@@ -32,7 +32,7 @@ pub struct TunnelConnector<'a> {
     pub bundle: Arc<TrustBundle>,
     pub provider: Arc<CryptoProvider>,
     /// The leaf we present (the current certificate of the source identity), its
-    /// `pool::fingerprint`.
+    /// `tls::fingerprint`.
     pub client_leaf: u64,
     /// Keepalive and header limits.
     pub limits: &'a TunnelLimits,
@@ -43,7 +43,7 @@ fn server_chain_issuer(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStre
         .1
         .peer_certificates()
         .and_then(|c| c.get(1))
-        .map(|c| pool::fingerprint(c))
+        .map(|c| crate::tls::fingerprint(c))
         .unwrap_or_default()
 }
 

@@ -39,26 +39,17 @@ pub struct PoolKey {
 /// streams until those end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
-    /// The leaf we presented (its `fingerprint`).
+    /// The leaf we presented (its `tls::fingerprint`).
     pub client_leaf: u64,
-    /// The certificate that issued the server's leaf (its `fingerprint`).
+    /// The certificate that issued the server's leaf (its `tls::fingerprint`).
     pub server_issuer: u64,
     /// When the server's leaf expires: no new streams after that (the connection itself is
     /// closed a clock skew later).
     pub server_not_after: Option<std::time::SystemTime>,
 }
 
-/// A certificate's DER, boiled down for comparing credentials on every checkout: a checkout
-/// may look at every connection of its destination (a hundred after a burst), and comparing
-/// whole certificates made that a measurable part of a new connection's cost. A collision
-/// would only let a stream onto a connection made with another certificate of ours that the
-/// peer verified, not past any check.
-pub fn fingerprint(der: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    der.hash(&mut hasher);
-    hasher.finish()
-}
+#[cfg(test)]
+use crate::tls::fingerprint;
 
 /// One HTTP/2 connection in the pool.
 pub struct PooledConnection {
