@@ -573,33 +573,47 @@ async fn ready_for(
     }
     // Each identity in turn: wait until its certificate is valid, woken by its issuance.
     for identity in &wanted {
-        let Some(mut updates) = identities.watch(identity) else {
-            continue;
-        };
-        loop {
-            // Seen before it is checked: an issuance after the check wakes the wait below.
-            updates.borrow_and_update();
-            if identities.current(identity).is_ok() {
-                break;
+        if !certificate_by(identities, identity, deadline).await {
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|id| identities.current(id).is_err())
+                .map(|id| id.to_string())
+                .collect();
+            for identity in &wanted {
+                identities.release(identity);
             }
-            let woken = tokio::time::timeout_at(deadline, updates.changed()).await;
-            if !matches!(woken, Ok(Ok(()))) {
-                let missing: Vec<String> = wanted
-                    .iter()
-                    .filter(|id| identities.current(id).is_err())
-                    .map(|id| id.to_string())
-                    .collect();
-                for identity in &wanted {
-                    identities.release(identity);
-                }
-                anyhow::bail!(
-                    "no certificate within {timeout:?} for {}",
-                    missing.join(", ")
-                );
-            }
+            anyhow::bail!(
+                "no certificate within {timeout:?} for {}",
+                missing.join(", ")
+            );
         }
     }
     Ok(wanted)
+}
+
+/// Whether `identity` has a valid certificate by `deadline`, woken by each issuance. An
+/// identity no pod holds any more (released meanwhile) has none: not ready.
+async fn certificate_by(
+    identities: &IdentityStore,
+    identity: &crate::identity::SpiffeId,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let Some(mut updates) = identities.watch(identity) else {
+        return false;
+    };
+    loop {
+        // Seen before it is checked: an issuance after the check wakes the wait below.
+        updates.borrow_and_update();
+        if identities.current(identity).is_ok() {
+            return true;
+        }
+        if !matches!(
+            tokio::time::timeout_at(deadline, updates.changed()).await,
+            Ok(Ok(()))
+        ) {
+            return false;
+        }
+    }
 }
 
 /// After a handover: waits for this agent's connections to end, at most `deadline`; what is

@@ -102,21 +102,11 @@ pub struct NodeIdentity {
 }
 
 /// Which request a node certificate answers: what the audit log calls its outcomes.
-#[derive(Clone, Copy)]
 enum NodeRequest {
     /// A first certificate, by join token or by the agent pod's service account token.
     Join { method: &'static str },
     /// A renewal, by the current node certificate.
     Renewal,
-}
-
-impl NodeRequest {
-    fn method(self) -> &'static str {
-        match self {
-            NodeRequest::Join { method } => method,
-            NodeRequest::Renewal => "node_certificate",
-        }
-    }
 }
 
 impl NodeIdentity {
@@ -128,11 +118,14 @@ impl NodeIdentity {
         csr_pem: &str,
         request: NodeRequest,
     ) -> Result<Response<NodeCertificateResponse>, Status> {
-        let (issued_event, refused_event) = match request {
-            NodeRequest::Join { .. } => ("node_joined", "node_join_refused"),
-            NodeRequest::Renewal => ("node_certificate_renewed", "node_certificate_refused"),
+        let (issued_event, refused_event, method) = match request {
+            NodeRequest::Join { method } => ("node_joined", "node_join_refused", method),
+            NodeRequest::Renewal => (
+                "node_certificate_renewed",
+                "node_certificate_refused",
+                "node_certificate",
+            ),
         };
-        let method = request.method();
         if let Err(e) = self.registry.borrow().admits_node(node) {
             tracing::warn!(target: "audit", event = refused_event, %node, method, error = %e,
                 "node certificate refused");

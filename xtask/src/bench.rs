@@ -148,8 +148,8 @@ fn sockperf(lab: &Lab, pod: &str, ip: &str, seconds: u32) -> anyhow::Result<(f64
 const BULK_RATE: &str = "2G";
 
 /// Runs `f` while `pod` sends bulk traffic to `ip` (iperf3, one stream at [`BULK_RATE`]),
-/// started a second before `f` and lasting well past it (killed after); fails when the bulk load did not last
-/// (a "loaded" figure measured without its load would pass for one).
+/// started a second before `f` and lasting well past it (killed after); fails when the bulk
+/// load did not last (a "loaded" figure measured without its load would pass for one).
 fn with_bulk<T>(
     lab: &Lab,
     pod: &str,
